@@ -1,1 +1,15 @@
-//! placeholder
+//! The OpenAI wire format as Sluice needs it: parse a request once, shape it for an upstream,
+//! and speak OpenAI's error body.
+//!
+//! A request body is read as a list of top-level fields whose values stay raw bytes
+//! ([`serde_json::value::RawValue`]): Sluice looks at `model`, `stream` and the token fields,
+//! and never rebuilds a DOM of the prompt. Shaping for a deployment copies those raw bytes in
+//! their order and rewrites `model`, so a 1 MiB prompt costs one scan and one copy.
+//!
+//! Not here: HTTP, routing, limits. This crate knows JSON, not sockets.
+
+mod error;
+mod request;
+
+pub use error::{ErrorBody, ErrorType};
+pub use request::{Endpoint, ParseError, Request};

@@ -1,0 +1,501 @@
+//! Parsing a client's request body once, and shaping it per deployment.
+
+use std::fmt;
+use std::ops::Range;
+
+use bytes::Bytes;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Largest `max_tokens` accepted. No model has a context anywhere near this; a larger value
+/// is a client bug, and letting it through would make the token reservation meaningless.
+pub const MAX_TOKENS_CEILING: u64 = 100_000_000;
+
+/// Deepest nesting of arrays and objects accepted: serde_json's own recursion limit. Values are
+/// kept raw (see [`Request::shape`]), and skipping a raw value does not apply that limit, so
+/// Sluice checks it itself rather than forward a body no provider would parse.
+pub const MAX_DEPTH: usize = 128;
+
+/// The OpenAI endpoints Sluice serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    ChatCompletions,
+    /// `POST /v1/completions`
+    Completions,
+    /// `POST /v1/embeddings`
+    Embeddings,
+}
+
+impl Endpoint {
+    /// Matches a request path, with or without the `/v1` prefix (OpenAI clients configured
+    /// with a bare base URL send the latter).
+    pub fn from_path(path: &str) -> Option<Self> {
+        let rest = path.strip_prefix("/v1").unwrap_or(path);
+        Some(match rest.trim_end_matches('/') {
+            "/chat/completions" => Self::ChatCompletions,
+            "/completions" => Self::Completions,
+            "/embeddings" => Self::Embeddings,
+            _ => return None,
+        })
+    }
+
+    /// The path below an `api_base` (`/chat/completions`).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/chat/completions",
+            Self::Completions => "/completions",
+            Self::Embeddings => "/embeddings",
+        }
+    }
+
+    /// A short name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat_completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
+    /// The field carrying the prompt, which must be present.
+    fn prompt_field(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "messages",
+            Self::Completions => "prompt",
+            Self::Embeddings => "input",
+        }
+    }
+}
+
+/// Why a body is not a usable request. Each maps to a 400 in OpenAI's shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// No bytes at all.
+    #[error("the request body is empty; send a JSON object")]
+    Empty,
+    /// Not UTF-8.
+    #[error("the request body is not valid UTF-8")]
+    NotUtf8,
+    /// Not JSON, or not an object.
+    #[error("the request body is not a valid JSON object: {0}")]
+    Json(String),
+    /// Nested deeper than [`MAX_DEPTH`].
+    #[error("the request body is nested more than {MAX_DEPTH} levels deep")]
+    TooDeep,
+    /// The same top-level key twice: which one a provider honours is anyone's guess.
+    #[error("the request body has the key `{0}` more than once")]
+    DuplicateKey(String),
+    /// A required field is absent.
+    #[error("you must provide a `{0}` parameter")]
+    Missing(&'static str),
+    /// A field has the wrong type or an impossible value.
+    #[error("invalid value for `{field}`: {why}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+impl ParseError {
+    /// The request parameter at fault, for the error body's `param`.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::Missing(f) | Self::Invalid { field: f, .. } => Some(f),
+            Self::DuplicateKey(k) => Some(k),
+            _ => None,
+        }
+    }
+}
+
+/// A top-level field: its key and where its value's bytes are in the body.
+#[derive(Debug, Clone)]
+struct Field {
+    key: String,
+    value: Range<usize>,
+}
+
+/// A parsed request: the body as received, its top-level fields, and what admission needs.
+///
+/// `Debug` leaves the body out: request bodies never belong in logs.
+#[derive(Clone)]
+pub struct Request {
+    endpoint: Endpoint,
+    body: Bytes,
+    fields: Vec<Field>,
+    model: String,
+    stream: bool,
+    max_tokens: Option<u64>,
+    prompt_bytes: usize,
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("endpoint", &self.endpoint)
+            .field("model", &self.model)
+            .field("stream", &self.stream)
+            .field("max_tokens", &self.max_tokens)
+            .field("body_bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    /// Parses `body` for `endpoint`: checks it is a JSON object, reads `model`, `stream`,
+    /// `max_tokens`/`max_completion_tokens` and the prompt's size, and records where every
+    /// top-level value lies so it can be copied without being re-encoded.
+    ///
+    /// # Errors
+    /// A [`ParseError`] saying what is wrong, for a 400.
+    pub fn parse(endpoint: Endpoint, body: Bytes) -> Result<Self, ParseError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ParseError::Empty);
+        }
+        let text = std::str::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
+        if too_deep(text.as_bytes(), MAX_DEPTH) {
+            return Err(ParseError::TooDeep);
+        }
+        let raw = top_level_fields(text)?;
+        let base = text.as_ptr() as usize;
+        let mut fields = Vec::with_capacity(raw.len());
+        let mut model = None;
+        let mut stream = false;
+        let mut max_tokens = None;
+        let mut prompt_bytes = None;
+        for (key, value) in raw {
+            let json = value.get();
+            match key.as_str() {
+                "model" => {
+                    let m: String = serde_json::from_str(json).map_err(|_| ParseError::Invalid {
+                        field: "model",
+                        why: "expected a string",
+                    })?;
+                    if m.is_empty() {
+                        return Err(ParseError::Missing("model"));
+                    }
+                    model = Some(m);
+                }
+                "stream" => {
+                    stream = serde_json::from_str::<Option<bool>>(json)
+                        .map_err(|_| ParseError::Invalid {
+                            field: "stream",
+                            why: "expected true or false",
+                        })?
+                        .unwrap_or(false);
+                }
+                "max_tokens" => max_tokens = max_tokens.or(token_count(json, "max_tokens")?),
+                "max_completion_tokens" => {
+                    // The newer name wins when both are sent, as OpenAI documents.
+                    max_tokens = token_count(json, "max_completion_tokens")?.or(max_tokens);
+                }
+                k if k == endpoint.prompt_field() => {
+                    prompt_bytes = Some(check_prompt(endpoint, json)?);
+                }
+                _ => {}
+            }
+            // `json` is a sub-slice of `text` (RawValue borrows), so its offset is exact.
+            let start = json.as_ptr() as usize - base;
+            fields.push(Field {
+                key,
+                value: start..start + json.len(),
+            });
+        }
+        let model = model.ok_or(ParseError::Missing("model"))?;
+        let prompt_bytes = prompt_bytes.ok_or(ParseError::Missing(endpoint.prompt_field()))?;
+        Ok(Self {
+            endpoint,
+            body,
+            fields,
+            model,
+            stream,
+            max_tokens,
+            prompt_bytes,
+        })
+    }
+
+    /// The endpoint this request is for.
+    pub fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// The model group asked for.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// `max_completion_tokens`, else `max_tokens`, if sent.
+    pub fn max_tokens(&self) -> Option<u64> {
+        self.max_tokens
+    }
+
+    /// Estimated prompt tokens: the prompt's JSON size ÷ 4 (OpenAI's rule of thumb of about
+    /// four characters per token for English text), at least 1. An estimate for the
+    /// reservation only; the response's `usage` settles the real count.
+    pub fn prompt_tokens_estimate(&self) -> u64 {
+        (self.prompt_bytes as u64).div_ceil(4).max(1)
+    }
+
+    /// The body as received.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The top-level keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|f| f.key.as_str())
+    }
+
+    /// The body to send upstream: every top-level field in its order, values copied as raw
+    /// bytes, with `model` set to `upstream_model` (and written first).
+    pub fn shape(&self, upstream_model: &str) -> Bytes {
+        let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 16);
+        out.extend_from_slice(b"{\"model\":");
+        write_json_string(&mut out, upstream_model);
+        for f in &self.fields {
+            if f.key == "model" {
+                continue;
+            }
+            out.push(b',');
+            write_json_string(&mut out, &f.key);
+            out.push(b':');
+            out.extend_from_slice(&self.body[f.value.clone()]);
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+}
+
+/// Whether `json` nests arrays/objects deeper than `limit`. Brackets inside strings do not
+/// count; the JSON itself is validated separately.
+fn too_deep(json: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn write_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn token_count(json: &str, field: &'static str) -> Result<Option<u64>, ParseError> {
+    let n: Option<u64> = serde_json::from_str(json).map_err(|_| ParseError::Invalid {
+        field,
+        why: "expected a non-negative integer",
+    })?;
+    match n {
+        Some(n) if n > MAX_TOKENS_CEILING => Err(ParseError::Invalid {
+            field,
+            why: "larger than any model accepts",
+        }),
+        n => Ok(n),
+    }
+}
+
+/// Checks the prompt field's JSON type and returns its size in bytes.
+fn check_prompt(endpoint: Endpoint, json: &str) -> Result<usize, ParseError> {
+    let first = json.as_bytes().first().copied();
+    let ok = match endpoint {
+        Endpoint::ChatCompletions => first == Some(b'['),
+        Endpoint::Completions | Endpoint::Embeddings => matches!(first, Some(b'"' | b'[')),
+    };
+    if ok {
+        Ok(json.len())
+    } else {
+        Err(ParseError::Invalid {
+            field: endpoint.prompt_field(),
+            why: match endpoint {
+                Endpoint::ChatCompletions => "expected an array of messages",
+                _ => "expected a string or an array",
+            },
+        })
+    }
+}
+
+/// Splits a JSON object into its top-level `(key, raw value)` pairs, rejecting duplicates.
+fn top_level_fields(text: &str) -> Result<Vec<(String, &RawValue)>, ParseError> {
+    struct Fields<'a>(Vec<(String, &'a RawValue)>);
+    struct FieldsVisitor;
+
+    impl<'de> Visitor<'de> for FieldsVisitor {
+        type Value = Fields<'de>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, &'de RawValue)> = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.iter().any(|(k, _)| *k == key) {
+                    return Err(serde::de::Error::custom(DuplicateKey(key)));
+                }
+                let value: &'de RawValue = map.next_value()?;
+                out.push((key, value));
+            }
+            Ok(Fields(out))
+        }
+    }
+
+    impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(FieldsVisitor)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_str(text);
+    let fields = serde::Deserialize::deserialize(&mut de).and_then(|f: Fields<'_>| {
+        de.end()?;
+        Ok(f)
+    });
+    match fields {
+        Ok(f) => Ok(f.0),
+        Err(e) => {
+            let msg = e.to_string();
+            match msg.strip_prefix(DUPLICATE_MARK) {
+                Some(rest) => Err(ParseError::DuplicateKey(
+                    rest.split(" at line").next().unwrap_or(rest).to_owned(),
+                )),
+                None => Err(ParseError::Json(msg)),
+            }
+        }
+    }
+}
+
+const DUPLICATE_MARK: &str = "duplicate key: ";
+
+struct DuplicateKey(String);
+
+impl fmt::Display for DuplicateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{DUPLICATE_MARK}{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Request, ParseError> {
+        Request::parse(Endpoint::ChatCompletions, Bytes::from(body.to_owned()))
+    }
+
+    #[test]
+    fn reads_what_admission_needs() {
+        let r = parse(
+            r#"{"messages":[{"role":"user","content":"hello there"}],"model":"gpt-4o","stream":true,"max_tokens":50,"max_completion_tokens":70}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model(), "gpt-4o");
+        assert!(r.stream());
+        assert_eq!(r.max_tokens(), Some(70));
+        let messages = r#"[{"role":"user","content":"hello there"}]"#;
+        assert_eq!(r.prompt_tokens_estimate(), (messages.len() as u64).div_ceil(4));
+        assert_eq!(
+            r.keys().collect::<Vec<_>>(),
+            ["messages", "model", "stream", "max_tokens", "max_completion_tokens"]
+        );
+    }
+
+    #[test]
+    fn shape_rewrites_model_and_copies_values_verbatim() {
+        let body = r#"{ "model" : "group", "messages":[{"role":"user","content":"a\u00e9\n"}],
+            "temperature": 0.70, "weird\"key": {"x": [1, 2]} }"#;
+        let r = parse(body).unwrap();
+        let out = r.shape("real-model");
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.starts_with(r#"{"model":"real-model","#), "{text}");
+        // Raw bytes, not re-encoded: the escape and the 0.70 survive as written.
+        assert!(text.contains(r#""content":"a\u00e9\n""#), "{text}");
+        assert!(text.contains(r#""temperature":0.70"#), "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["weird\"key"]["x"][1], 2);
+        assert_eq!(v.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn bad_bodies_are_named() {
+        assert_eq!(parse("").unwrap_err(), ParseError::Empty);
+        assert_eq!(parse("  \n").unwrap_err(), ParseError::Empty);
+        assert!(matches!(parse("{").unwrap_err(), ParseError::Json(_)));
+        assert!(matches!(parse("[1]").unwrap_err(), ParseError::Json(_)));
+        assert!(matches!(parse(r#"{"model":"a","messages":[]} x"#).unwrap_err(), ParseError::Json(_)));
+        assert_eq!(parse(r#"{"messages":[]}"#).unwrap_err(), ParseError::Missing("model"));
+        assert_eq!(parse(r#"{"model":"a"}"#).unwrap_err(), ParseError::Missing("messages"));
+        assert_eq!(
+            parse(r#"{"model":"a","model":"b","messages":[]}"#).unwrap_err(),
+            ParseError::DuplicateKey("model".into())
+        );
+        for (body, field) in [
+            (r#"{"model":3,"messages":[]}"#, "model"),
+            (r#"{"model":"a","messages":"hi"}"#, "messages"),
+            (r#"{"model":"a","messages":[],"stream":"yes"}"#, "stream"),
+            (r#"{"model":"a","messages":[],"max_tokens":-1}"#, "max_tokens"),
+            (r#"{"model":"a","messages":[],"max_tokens":1e400}"#, "max_tokens"),
+            (r#"{"model":"a","messages":[],"max_tokens":999999999999}"#, "max_tokens"),
+        ] {
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.param(), Some(field), "{body}: {err}");
+        }
+        let not_utf8 = Request::parse(Endpoint::Embeddings, Bytes::from_static(b"{\"model\":\"\xff\"}"));
+        assert_eq!(not_utf8.unwrap_err(), ParseError::NotUtf8);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!(
+            r#"{{"model":"a","messages":[],"x":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(parse(&deep).unwrap_err(), ParseError::TooDeep);
+        let ok_depth = format!(
+            r#"{{"model":"a","messages":[],"x":{}"[[[[\\"{}}}"#,
+            "[".repeat(MAX_DEPTH - 2),
+            "]".repeat(MAX_DEPTH - 2)
+        );
+        assert!(parse(&ok_depth).is_ok(), "brackets inside strings must not count");
+    }
+
+    #[test]
+    fn endpoints_match_with_and_without_v1() {
+        assert_eq!(Endpoint::from_path("/v1/chat/completions"), Some(Endpoint::ChatCompletions));
+        assert_eq!(Endpoint::from_path("/chat/completions"), Some(Endpoint::ChatCompletions));
+        assert_eq!(Endpoint::from_path("/v1/embeddings"), Some(Endpoint::Embeddings));
+        assert_eq!(Endpoint::from_path("/completions"), Some(Endpoint::Completions));
+        assert_eq!(Endpoint::from_path("/v1/models"), None);
+        let e = Request::parse(Endpoint::Embeddings, Bytes::from_static(br#"{"model":"e","input":"hi"}"#));
+        assert_eq!(e.unwrap().prompt_tokens_estimate(), 1);
+    }
+}
