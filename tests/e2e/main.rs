@@ -1,1 +1,11 @@
+//! End-to-end tests: Sluice started in-process on a free port, in front of mock upstreams,
+//! driven by a real HTTP client. One test binary, many modules (link time matters).
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod config_files;
+mod errors;
+mod proxy;
+mod streaming;

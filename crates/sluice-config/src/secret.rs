@@ -33,7 +33,7 @@ impl fmt::Debug for Secret {
 /// Looking a presented key up by its digest leaks, through timing, at most something about the
 /// *digest* of what the client sent, which tells an attacker nothing about a valid key
 /// (pre-image resistance); equality itself is constant-time all the same.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct KeyDigest([u8; 32]);
 
 impl KeyDigest {
@@ -61,6 +61,13 @@ impl PartialEq for KeyDigest {
 }
 
 impl Eq for KeyDigest {}
+
+impl std::hash::Hash for KeyDigest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // Consistent with `eq`: equal digests have equal bytes.
+        self.0.hash(state);
+    }
+}
 
 impl fmt::Debug for KeyDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

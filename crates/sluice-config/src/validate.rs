@@ -247,7 +247,10 @@ impl Cx<'_> {
         match Duration::try_from_secs_f64(v) {
             Ok(d) if !d.is_zero() => Some(d),
             _ => {
-                self.problem(path, format!("expected a positive number of seconds, got {v}"));
+                self.problem(
+                    path,
+                    format!("expected a positive number of seconds, got {v}"),
+                );
                 None
             }
         }
@@ -276,8 +279,13 @@ impl Cx<'_> {
         let mut groups: Vec<ModelGroup> = Vec::new();
         let mut ids = BTreeSet::new();
         for (path, raw) in entries {
-            let Some(d) = self.deployment(&path, &raw, &groups, default_timeout, default_stream_timeout)
-            else {
+            let Some(d) = self.deployment(
+                &path,
+                &raw,
+                &groups,
+                default_timeout,
+                default_stream_timeout,
+            ) else {
                 continue;
             };
             if !ids.insert(d.id.clone()) {
@@ -383,7 +391,10 @@ impl Cx<'_> {
             .seconds(p.timeout, &format!("{path}.litellm_params.timeout"))
             .unwrap_or(default_timeout);
         let stream_timeout = self
-            .seconds(p.stream_timeout, &format!("{path}.litellm_params.stream_timeout"))
+            .seconds(
+                p.stream_timeout,
+                &format!("{path}.litellm_params.stream_timeout"),
+            )
             .or(default_stream_timeout)
             .unwrap_or(timeout);
         let n = groups
@@ -514,7 +525,11 @@ impl Cx<'_> {
         );
         let default_fallbacks = raw.default_fallbacks.unwrap_or_default();
         for (i, g) in default_fallbacks.iter().enumerate() {
-            self.known_group(groups, g, &format!("router_settings.default_fallbacks[{i}]"));
+            self.known_group(
+                groups,
+                g,
+                &format!("router_settings.default_fallbacks[{i}]"),
+            );
         }
         let cooldown_time = self
             .seconds(raw.cooldown_time, "router_settings.cooldown_time")
@@ -585,9 +600,14 @@ impl Cx<'_> {
                 return None;
             }
         };
-        let scheme_ok = ["redis://", "rediss://", "redis+cluster://", "rediss+cluster://"]
-            .iter()
-            .any(|s| url.starts_with(s));
+        let scheme_ok = [
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ]
+        .iter()
+        .any(|s| url.starts_with(s));
         if !scheme_ok {
             self.problem(
                 "router_settings.redis_url",

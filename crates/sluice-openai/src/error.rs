@@ -96,8 +96,12 @@ mod tests {
 
     #[test]
     fn shape_matches_openai() {
-        let b = ErrorBody::new(ErrorType::InvalidRequest, Some("model_not_found"), "no \"x\"")
-            .with_param("model");
+        let b = ErrorBody::new(
+            ErrorType::InvalidRequest,
+            Some("model_not_found"),
+            "no \"x\"",
+        )
+        .with_param("model");
         let v: serde_json::Value = serde_json::from_slice(&b.to_json()).unwrap();
         assert_eq!(
             v,

@@ -169,10 +169,11 @@ impl Request {
             let json = value.get();
             match key.as_str() {
                 "model" => {
-                    let m: String = serde_json::from_str(json).map_err(|_| ParseError::Invalid {
-                        field: "model",
-                        why: "expected a string",
-                    })?;
+                    let m: String =
+                        serde_json::from_str(json).map_err(|_| ParseError::Invalid {
+                            field: "model",
+                            why: "expected a string",
+                        })?;
                     if m.is_empty() {
                         return Err(ParseError::Missing("model"));
                     }
@@ -421,10 +422,19 @@ mod tests {
         assert!(r.stream());
         assert_eq!(r.max_tokens(), Some(70));
         let messages = r#"[{"role":"user","content":"hello there"}]"#;
-        assert_eq!(r.prompt_tokens_estimate(), (messages.len() as u64).div_ceil(4));
+        assert_eq!(
+            r.prompt_tokens_estimate(),
+            (messages.len() as u64).div_ceil(4)
+        );
         assert_eq!(
             r.keys().collect::<Vec<_>>(),
-            ["messages", "model", "stream", "max_tokens", "max_completion_tokens"]
+            [
+                "messages",
+                "model",
+                "stream",
+                "max_tokens",
+                "max_completion_tokens"
+            ]
         );
     }
 
@@ -450,9 +460,18 @@ mod tests {
         assert_eq!(parse("  \n").unwrap_err(), ParseError::Empty);
         assert!(matches!(parse("{").unwrap_err(), ParseError::Json(_)));
         assert!(matches!(parse("[1]").unwrap_err(), ParseError::Json(_)));
-        assert!(matches!(parse(r#"{"model":"a","messages":[]} x"#).unwrap_err(), ParseError::Json(_)));
-        assert_eq!(parse(r#"{"messages":[]}"#).unwrap_err(), ParseError::Missing("model"));
-        assert_eq!(parse(r#"{"model":"a"}"#).unwrap_err(), ParseError::Missing("messages"));
+        assert!(matches!(
+            parse(r#"{"model":"a","messages":[]} x"#).unwrap_err(),
+            ParseError::Json(_)
+        ));
+        assert_eq!(
+            parse(r#"{"messages":[]}"#).unwrap_err(),
+            ParseError::Missing("model")
+        );
+        assert_eq!(
+            parse(r#"{"model":"a"}"#).unwrap_err(),
+            ParseError::Missing("messages")
+        );
         assert_eq!(
             parse(r#"{"model":"a","model":"b","messages":[]}"#).unwrap_err(),
             ParseError::DuplicateKey("model".into())
@@ -461,14 +480,26 @@ mod tests {
             (r#"{"model":3,"messages":[]}"#, "model"),
             (r#"{"model":"a","messages":"hi"}"#, "messages"),
             (r#"{"model":"a","messages":[],"stream":"yes"}"#, "stream"),
-            (r#"{"model":"a","messages":[],"max_tokens":-1}"#, "max_tokens"),
-            (r#"{"model":"a","messages":[],"max_tokens":1e400}"#, "max_tokens"),
-            (r#"{"model":"a","messages":[],"max_tokens":999999999999}"#, "max_tokens"),
+            (
+                r#"{"model":"a","messages":[],"max_tokens":-1}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"a","messages":[],"max_tokens":1e400}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"a","messages":[],"max_tokens":999999999999}"#,
+                "max_tokens",
+            ),
         ] {
             let err = parse(body).unwrap_err();
             assert_eq!(err.param(), Some(field), "{body}: {err}");
         }
-        let not_utf8 = Request::parse(Endpoint::Embeddings, Bytes::from_static(b"{\"model\":\"\xff\"}"));
+        let not_utf8 = Request::parse(
+            Endpoint::Embeddings,
+            Bytes::from_static(b"{\"model\":\"\xff\"}"),
+        );
         assert_eq!(not_utf8.unwrap_err(), ParseError::NotUtf8);
     }
 
@@ -485,17 +516,35 @@ mod tests {
             "[".repeat(MAX_DEPTH - 2),
             "]".repeat(MAX_DEPTH - 2)
         );
-        assert!(parse(&ok_depth).is_ok(), "brackets inside strings must not count");
+        assert!(
+            parse(&ok_depth).is_ok(),
+            "brackets inside strings must not count"
+        );
     }
 
     #[test]
     fn endpoints_match_with_and_without_v1() {
-        assert_eq!(Endpoint::from_path("/v1/chat/completions"), Some(Endpoint::ChatCompletions));
-        assert_eq!(Endpoint::from_path("/chat/completions"), Some(Endpoint::ChatCompletions));
-        assert_eq!(Endpoint::from_path("/v1/embeddings"), Some(Endpoint::Embeddings));
-        assert_eq!(Endpoint::from_path("/completions"), Some(Endpoint::Completions));
+        assert_eq!(
+            Endpoint::from_path("/v1/chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            Endpoint::from_path("/chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/embeddings"),
+            Some(Endpoint::Embeddings)
+        );
+        assert_eq!(
+            Endpoint::from_path("/completions"),
+            Some(Endpoint::Completions)
+        );
         assert_eq!(Endpoint::from_path("/v1/models"), None);
-        let e = Request::parse(Endpoint::Embeddings, Bytes::from_static(br#"{"model":"e","input":"hi"}"#));
+        let e = Request::parse(
+            Endpoint::Embeddings,
+            Bytes::from_static(br#"{"model":"e","input":"hi"}"#),
+        );
         assert_eq!(e.unwrap().prompt_tokens_estimate(), 1);
     }
 }

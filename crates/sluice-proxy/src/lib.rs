@@ -1,1 +1,93 @@
-//! placeholder
+//! The Sluice gateway: the only crate that knows Pingora.
+//!
+//! # Why `HttpServerApp` and not `ProxyHttp`
+//! Sluice must read a request's whole body before it knows where the request goes (the model
+//! group is in the JSON), and must be able to send that same body to a second deployment when
+//! the first answers 429. Pingora's `ProxyHttp` does not carry a body consumed in
+//! `request_filter` upstream, its retry buffer stops at 64 KiB, and it does not retry a POST on
+//! a 429 (DESIGN.md §1). With the body read up front, `ProxyHttp` would contribute nothing but
+//! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly and calls
+//! upstreams with Pingora's pooled `Connector`: Sluice keeps Pingora's server, listeners, TLS,
+//! graceful shutdown/upgrade and connection pools, owns the fallback loop and body replay, and
+//! does not compile `pingora-proxy`/`pingora-cache` at all.
+//!
+//! # Entry points
+//! [`build_server`] assembles a Pingora `Server` for a [`sluice_config::Config`]; the binary
+//! (`sluice`) and the end-to-end tests both start Sluice through it.
+
+mod gateway;
+mod reject;
+mod upstream;
+
+use std::sync::Arc;
+
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+use sluice_config::Config;
+
+pub use gateway::Gateway;
+pub use reject::Rejection;
+
+/// Where and how to listen, after command-line overrides.
+#[derive(Debug, Clone)]
+pub struct Listen {
+    /// `host:port` to bind.
+    pub addr: String,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Listen {
+    /// The config's `server.host`/`server.port`/`server.threads`, with optional overrides.
+    pub fn from_config(config: &Config, host: Option<&str>, port: Option<u16>) -> Self {
+        let host = host.unwrap_or(&config.server.host);
+        let port = port.unwrap_or(config.server.port);
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let threads = config
+            .server
+            .threads
+            .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+            .unwrap_or(1);
+        Self { addr, threads }
+    }
+}
+
+/// Builds a Pingora server running Sluice for `config` on `listen`. Run it with
+/// `Server::run` (or `run_forever`); the returned [`Gateway`] handle lets the caller flip
+/// readiness when draining.
+pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
+    let grace = config.server.grace_period.as_secs().max(1);
+    let conf = ServerConf {
+        threads: listen.threads.max(1),
+        // Readiness flips at once on a shutdown signal; the listener keeps accepting for no
+        // extra time, and in-flight requests get `server.grace_period` to finish.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(grace),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let gateway = Arc::new(Gateway::new(config));
+    let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
+    service.add_tcp(&listen.addr);
+    server.add_service(service);
+    (server, gateway)
+}
+
+/// Lets the server own a handle to a gateway the caller also holds.
+struct SharedGateway(Arc<Gateway>);
+
+#[async_trait::async_trait]
+impl pingora_core::apps::HttpServerApp for SharedGateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: pingora_core::protocols::http::ServerSession,
+        shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::apps::ReusedHttpStream> {
+        self.0.process_new_http(session, shutdown).await
+    }
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! `sluice`: parse the command line, load the config (exit 64 when it is bad), serve.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for a configuration that does not load (sysexits' EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Sluice: a front door for OpenAI-compatible LLM APIs.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The YAML configuration file.
+    #[arg(long, short, global = true, default_value = "config.yaml")]
+    config: String,
+    /// Address to listen on (overrides `server.host`).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (overrides `server.port`; default 4000).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration and exit: 0 when it loads, 64 naming every bad key.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,pingora_core=warn"),
+    )
+    .init();
+    let text = match std::fs::read_to_string(&cli.config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("sluice: cannot read {}: {e}", cli.config);
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let loaded = match sluice_config::load(&text) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sluice: {}: {e}", cli.config);
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    for w in &loaded.warnings {
+        log::warn!("{}: {w}", cli.config);
+    }
+    let config = loaded.config;
+    if matches!(cli.command, Some(Command::Check)) {
+        let deployments: usize = config.groups.iter().map(|g| g.deployments.len()).sum();
+        println!(
+            "{}: ok ({} model group(s), {deployments} deployment(s), {} key(s), {} warning(s))",
+            cli.config,
+            config.groups.len(),
+            config.keys.len(),
+            loaded.warnings.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let listen = sluice_proxy::Listen::from_config(&config, cli.host.as_deref(), cli.port);
+    log::info!(
+        "sluice listening on {} ({} threads)",
+        listen.addr,
+        listen.threads
+    );
+    let (server, _gateway) = sluice_proxy::build_server(config, &listen);
+    server.run_forever()
+}

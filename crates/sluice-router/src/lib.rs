@@ -71,7 +71,11 @@ mod tests {
         ));
         let mut rng = StdRng::seed_from_u64(7);
         for _ in 0..20 {
-            let ids: Vec<&str> = Plan::new(&g, &mut rng).candidates().iter().map(|d| d.id.as_str()).collect();
+            let ids: Vec<&str> = Plan::new(&g, &mut rng)
+                .candidates()
+                .iter()
+                .map(|d| d.id.as_str())
+                .collect();
             assert_eq!(ids, ["g.1", "g.0", "g.2"]);
         }
     }

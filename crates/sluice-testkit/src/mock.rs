@@ -187,12 +187,19 @@ type Body = BoxBody<Bytes, Infallible>;
 fn full(status: StatusCode, body: Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
-fn error(status: StatusCode, kind: &str, message: &str, retry_after: Option<u64>) -> Response<Body> {
+fn error(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) -> Response<Body> {
     let mut r = full(
         status,
         json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
@@ -231,17 +238,60 @@ fn route(path: &str) -> Option<Kind> {
 fn allowed(kind: Kind) -> &'static [&'static str] {
     match kind {
         Kind::Chat => &[
-            "model", "messages", "audio", "frequency_penalty", "function_call", "functions",
-            "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
-            "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-            "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
-            "service_tier", "stop", "store", "stream", "stream_options", "temperature",
-            "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+            "model",
+            "messages",
+            "audio",
+            "frequency_penalty",
+            "function_call",
+            "functions",
+            "logit_bias",
+            "logprobs",
+            "max_completion_tokens",
+            "max_tokens",
+            "metadata",
+            "modalities",
+            "n",
+            "parallel_tool_calls",
+            "prediction",
+            "presence_penalty",
+            "prompt_cache_key",
+            "reasoning_effort",
+            "response_format",
+            "safety_identifier",
+            "seed",
+            "service_tier",
+            "stop",
+            "store",
+            "stream",
+            "stream_options",
+            "temperature",
+            "tool_choice",
+            "tools",
+            "top_logprobs",
+            "top_p",
+            "user",
+            "verbosity",
+            "web_search_options",
         ],
         Kind::Completions => &[
-            "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
-            "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
-            "suffix", "temperature", "top_p", "user",
+            "model",
+            "prompt",
+            "best_of",
+            "echo",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+            "max_tokens",
+            "n",
+            "presence_penalty",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "suffix",
+            "temperature",
+            "top_p",
+            "user",
         ],
         Kind::Embeddings => &["model", "input", "dimensions", "encoding_format", "user"],
     }
@@ -249,7 +299,11 @@ fn allowed(kind: Kind) -> &'static [&'static str] {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     lock(&state.log).push(Recorded {
         method: parts.method.clone(),
         path: parts.uri.path().to_owned(),
@@ -268,7 +322,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         } else {
             "server_error"
         };
-        return Ok(error(status, kind, "forced by the mock", config.retry_after));
+        return Ok(error(
+            status,
+            kind,
+            "forced by the mock",
+            config.retry_after,
+        ));
     }
     if let Some(expected) = &config.api_key {
         let bearer = parts
@@ -297,9 +356,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         if window.len() >= limit {
             let retry = config.retry_after.or_else(|| {
-                window
-                    .front()
-                    .map(|t| 60u64.saturating_sub(now.duration_since(*t).as_secs()).max(1))
+                window.front().map(|t| {
+                    60u64
+                        .saturating_sub(now.duration_since(*t).as_secs())
+                        .max(1)
+                })
             });
             drop(window);
             return Ok(error(
@@ -312,10 +373,20 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         window.push_back(now);
     }
     if parts.method != Method::POST {
-        return Ok(error(StatusCode::NOT_FOUND, "invalid_request_error", "not found", None));
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not found",
+            None,
+        ));
     }
     let Some(kind) = route(parts.uri.path()) else {
-        return Ok(error(StatusCode::NOT_FOUND, "invalid_request_error", "unknown path", None));
+        return Ok(error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown path",
+            None,
+        ));
     };
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
         return Ok(error(
@@ -339,7 +410,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
 }
 
 fn answer(kind: Kind, fields: &Map<String, Value>, config: &MockConfig) -> Response<Body> {
-    let model = fields.get("model").and_then(Value::as_str).unwrap_or("unknown").to_owned();
+    let model = fields
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_owned();
     let prompt_field = match kind {
         Kind::Chat => "messages",
         Kind::Completions => "prompt",
@@ -348,14 +423,21 @@ fn answer(kind: Kind, fields: &Map<String, Value>, config: &MockConfig) -> Respo
     let prompt_tokens = fields
         .get(prompt_field)
         .map_or(1, |v| (v.to_string().len() as u64).div_ceil(4).max(1));
-    let completion_tokens = if kind == Kind::Embeddings { 0 } else { config.completion_tokens };
+    let completion_tokens = if kind == Kind::Embeddings {
+        0
+    } else {
+        config.completion_tokens
+    };
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     });
     let text = format!("hello from {}", config.name);
-    let stream = fields.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = fields
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     match kind {
         Kind::Embeddings => full(
             StatusCode::OK,
@@ -410,7 +492,11 @@ fn sse(
         };
         let mut events = Vec::with_capacity(chunks + 3);
         for i in 0..chunks {
-            let piece = if i == 0 { text.clone() } else { format!(" {i}") };
+            let piece = if i == 0 {
+                text.clone()
+            } else {
+                format!(" {i}")
+            };
             let mut delta = json!({"content": piece});
             if i == 0 && kind == Kind::Chat {
                 delta["role"] = json!("assistant");
@@ -425,7 +511,11 @@ fn sse(
             events.push(last);
         }
         for (i, event) in events.iter().enumerate() {
-            if tx.send_data(Bytes::from(format!("data: {event}\n\n"))).await.is_err() {
+            if tx
+                .send_data(Bytes::from(format!("data: {event}\n\n")))
+                .await
+                .is_err()
+            {
                 return;
             }
             if i == 0 && !pause.is_zero() {
@@ -435,10 +525,14 @@ fn sse(
         let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     let mut r = Response::new(body.boxed());
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
-    r.headers_mut()
-        .insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
     r
 }
 

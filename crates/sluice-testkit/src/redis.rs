@@ -65,7 +65,9 @@ impl RedisServer {
         let mut server = Self { child, port };
         if ready != Some(true) || server.ping().is_err() {
             // Drop kills the child.
-            return Err(io::Error::other(format!("redis-server on port {port} did not start")));
+            return Err(io::Error::other(format!(
+                "redis-server on port {port} did not start"
+            )));
         }
         Ok(server)
     }
@@ -124,6 +126,9 @@ mod tests {
         let port = r.port();
         assert!(r.url().ends_with(&port.to_string()));
         drop(r);
-        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "still listening after drop");
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "still listening after drop"
+        );
     }
 }

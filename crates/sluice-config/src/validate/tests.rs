@@ -95,7 +95,10 @@ fn a_litellm_config_loads_with_warnings_for_what_sluice_ignores() {
     assert_eq!(vllm.max_input_tokens, Some(8192));
     assert_eq!(c.router.routing_strategy, RoutingStrategy::UsageBased);
     assert_eq!(c.router.fallbacks["gpt-4o"], vec!["llama".to_owned()]);
-    assert_eq!(c.redis.as_ref().unwrap().url.expose(), "redis://:pw@127.0.0.1:6380");
+    assert_eq!(
+        c.redis.as_ref().unwrap().url.expose(),
+        "redis://:pw@127.0.0.1:6380"
+    );
     assert_eq!(c.master_key, Some(KeyDigest::of(b"sk-master")));
     let key = &c.keys[0];
     assert_eq!(key.alias, "team-a");
@@ -104,7 +107,10 @@ fn a_litellm_config_loads_with_warnings_for_what_sluice_ignores() {
     let warned: Vec<&str> = loaded.warnings.iter().map(|w| w.path.as_str()).collect();
     assert_eq!(
         warned,
-        ["model_list[0].litellm_params.max_retries", "litellm_settings"]
+        [
+            "model_list[0].litellm_params.max_retries",
+            "litellm_settings"
+        ]
     );
 }
 
@@ -133,7 +139,10 @@ router_settings:
             "router_settings.fallbacks[0].a[0]",
         ]
     );
-    assert!(found[0].message.contains("did you mean `model_list`"), "{found:?}");
+    assert!(
+        found[0].message.contains("did you mean `model_list`"),
+        "{found:?}"
+    );
     assert!(found[2].message.contains("invalid type"), "{found:?}");
 }
 
@@ -193,7 +202,10 @@ fn empty_and_malformed_files_are_refused() {
     let p = problems("model_list: [");
     assert!(p[0].message.starts_with("not valid YAML"), "{p:?}");
     assert_eq!(paths("model_list: 3"), ["model_list"]);
-    assert_eq!(paths("keys: [{key: a, key_sha256: b}]\nmodel_list: []"), ["model_list", "keys[0]"]);
+    assert_eq!(
+        paths("keys: [{key: a, key_sha256: b}]\nmodel_list: []"),
+        ["model_list", "keys[0]"]
+    );
 }
 
 #[test]
@@ -208,7 +220,10 @@ fn redis_url_and_host_are_exclusive() {
 #[test]
 fn api_base_forms() {
     let b = parse_api_base("http://[::1]:8080/v1/").unwrap();
-    assert_eq!((b.host.as_str(), b.port, b.path.as_str(), b.tls), ("::1", 8080, "/v1", false));
+    assert_eq!(
+        (b.host.as_str(), b.port, b.path.as_str(), b.tls),
+        ("::1", 8080, "/v1", false)
+    );
     let b = parse_api_base("https://x.example").unwrap();
     assert_eq!((b.port, b.path.as_str()), (443, ""));
     assert!(parse_api_base("http://u:p@x/v1").is_err());

@@ -1,0 +1,382 @@
+//! The request path: auth → read body → parse → plan → send (with fallback) → stream back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_http::ResponseHeader;
+use sluice_config::{Config, KeyDigest, VirtualKey};
+use sluice_openai::{Endpoint, Request};
+use sluice_router::Plan;
+use tokio::time::Instant;
+
+use crate::reject::Rejection;
+use crate::upstream::{Failure, Upstream};
+
+/// How long Sluice waits for the next piece of a client's request before giving up on it.
+const DOWNSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Response headers never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and framing,
+/// which Sluice's own server sets for the client connection.
+const HOP_BY_HOP: &[HeaderName] = &[
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Statuses after which the same request goes to the next candidate, if there is one: the
+/// upstream is out of budget or failing, and nothing has reached the client yet.
+fn retryable(status: u16) -> bool {
+    matches!(status, 429 | 500 | 502 | 503 | 504)
+}
+
+/// Who is calling.
+enum Caller<'a> {
+    /// The master key, or any caller when no keys are configured.
+    Admin,
+    /// A virtual key.
+    Key(&'a VirtualKey),
+}
+
+impl Caller<'_> {
+    fn allows(&self, group: &str) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::Key(k) => k.allows(group),
+        }
+    }
+}
+
+/// Sluice's HTTP application: owns the configuration-derived state and the upstream
+/// connection pools. One instance serves every listener thread.
+pub struct Gateway {
+    config: Config,
+    keys: HashMap<KeyDigest, usize>,
+    upstreams: HashMap<String, Upstream>,
+    connector: Connector,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// Builds the state for `config`.
+    pub fn new(config: Config) -> Self {
+        let keys = config
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.digest, i))
+            .collect();
+        let upstreams = config
+            .groups
+            .iter()
+            .flat_map(|g| g.deployments.iter())
+            .map(|d| (d.id.clone(), Upstream::new(d.clone())))
+            .collect();
+        if config.master_key.is_none() && config.keys.is_empty() {
+            log::warn!(
+                "no master_key and no keys configured: every caller is accepted \
+                 (set general_settings.master_key to require one)"
+            );
+        }
+        Self {
+            config,
+            keys,
+            upstreams,
+            connector: Connector::new(None),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the gateway as draining: readiness answers 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    fn authenticate(&self, session: &ServerSession) -> Result<Caller<'_>, Rejection> {
+        if self.config.master_key.is_none() && self.config.keys.is_empty() {
+            return Ok(Caller::Admin);
+        }
+        let presented = bearer(session).ok_or(Rejection::MissingKey)?;
+        let digest = KeyDigest::of(presented);
+        if self.config.master_key == Some(digest) {
+            return Ok(Caller::Admin);
+        }
+        self.keys
+            .get(&digest)
+            .and_then(|i| self.config.keys.get(*i))
+            .map(Caller::Key)
+            .ok_or(Rejection::BadKey)
+    }
+
+    /// Handles one request; the response is written to `session` (errors included).
+    async fn handle(&self, session: &mut ServerSession) {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_owned();
+        let result = match (method.as_str(), path.as_str()) {
+            ("GET" | "HEAD", "/health/liveness") => {
+                write_json(session, 200, br#"{"status":"ok"}"#).await;
+                Ok(())
+            }
+            ("GET" | "HEAD", "/health/readiness") => {
+                if self.draining.load(Ordering::Relaxed) {
+                    Err(Rejection::Draining)
+                } else {
+                    write_json(session, 200, br#"{"status":"ready"}"#).await;
+                    Ok(())
+                }
+            }
+            ("GET", "/v1/models" | "/models") => self.models(session).await,
+            (_, "/health/liveness" | "/health/readiness" | "/v1/models" | "/models") => {
+                Err(Rejection::MethodNotAllowed)
+            }
+            _ => match Endpoint::from_path(&path) {
+                Some(endpoint) if method == http::Method::POST => self.api(session, endpoint).await,
+                Some(_) => Err(Rejection::MethodNotAllowed),
+                None => Err(Rejection::NotFound),
+            },
+        };
+        if let Err(rejection) = result {
+            log::debug!(
+                "{method} {path}: {} ({})",
+                rejection.status(),
+                rejection.as_str()
+            );
+            respond_error(session, &rejection).await;
+        }
+    }
+
+    async fn models(&self, session: &mut ServerSession) -> Result<(), Rejection> {
+        let caller = self.authenticate(session)?;
+        let data: Vec<serde_json::Value> = self
+            .config
+            .groups
+            .iter()
+            .filter(|g| caller.allows(&g.name))
+            .map(|g| serde_json::json!({"id": g.name, "object": "model", "created": 0, "owned_by": "sluice"}))
+            .collect();
+        let body = serde_json::json!({"object": "list", "data": data}).to_string();
+        write_json(session, 200, body.as_bytes()).await;
+        Ok(())
+    }
+
+    /// An OpenAI API call: the whole path of DESIGN.md §1.
+    async fn api(&self, session: &mut ServerSession, endpoint: Endpoint) -> Result<(), Rejection> {
+        let caller = self.authenticate(session)?;
+        let body = read_body(session, self.config.server.max_body_bytes).await?;
+        let request = Request::parse(endpoint, body).map_err(Rejection::BadRequest)?;
+        let group = self
+            .config
+            .group(request.model())
+            .ok_or_else(|| Rejection::UnknownModel(request.model().to_owned()))?;
+        if !caller.allows(&group.name) {
+            return Err(Rejection::ModelNotAllowed(group.name.clone()));
+        }
+        let plan = Plan::new(group, &mut rand::thread_rng());
+        let accept = session
+            .get_header(header::ACCEPT)
+            .map(|v| v.as_bytes().to_vec());
+        let user_agent = session
+            .get_header(header::USER_AGENT)
+            .map(|v| v.as_bytes().to_vec());
+        let candidates = plan.candidates();
+        let mut last_failure = None;
+        for (i, deployment) in candidates.iter().enumerate() {
+            let Some(upstream) = self.upstreams.get(&deployment.id) else {
+                continue;
+            };
+            let is_last = i + 1 == candidates.len();
+            let body = request.shape(&deployment.upstream_model);
+            let deadline = Instant::now() + deployment.timeout;
+            let exchange = upstream
+                .send(
+                    &self.connector,
+                    endpoint,
+                    &body,
+                    accept.as_deref(),
+                    user_agent.as_deref(),
+                    deadline,
+                )
+                .await;
+            let exchange = match exchange {
+                Ok(x) => x,
+                Err(failure) => {
+                    log::warn!("deployment {}: {failure}", deployment.id);
+                    last_failure = Some(failure);
+                    continue;
+                }
+            };
+            let status = exchange
+                .session
+                .response_header()
+                .map_or(502, |h| h.status.as_u16());
+            if retryable(status) && !is_last {
+                log::info!(
+                    "deployment {} answered {status}; trying the next",
+                    deployment.id
+                );
+                upstream.discard(&self.connector, exchange, deadline).await;
+                continue;
+            }
+            self.relay(session, upstream, exchange).await;
+            return Ok(());
+        }
+        Err(match last_failure {
+            Some(Failure::Timeout) => Rejection::UpstreamTimeout,
+            _ => Rejection::UpstreamUnreachable,
+        })
+    }
+
+    /// Streams the upstream's answer to the client as it arrives, chunk by chunk.
+    async fn relay(
+        &self,
+        session: &mut ServerSession,
+        upstream: &Upstream,
+        mut exchange: crate::upstream::Exchange,
+    ) {
+        let Some(up) = exchange.session.response_header() else {
+            return;
+        };
+        let mut resp = match ResponseHeader::build(up.status, Some(up.headers.len() + 1)) {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        for (name, value) in &up.headers {
+            if !HOP_BY_HOP.contains(name) {
+                let _ = resp.append_header(name.clone(), value.clone());
+            }
+        }
+        if self.config.server.deployment_header {
+            let _ = resp.insert_header("x-sluice-deployment", upstream.deployment.id.as_str());
+        }
+        if session.write_response_header(Box::new(resp)).await.is_err() {
+            return;
+        }
+        loop {
+            match exchange.session.read_response_body().await {
+                Ok(Some(chunk)) => {
+                    if session.write_response_body(chunk, false).await.is_err() {
+                        // The client went away: stop reading the upstream (dropping the
+                        // session closes that connection, which cancels the generation).
+                        session.set_keepalive(None);
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!(
+                        "deployment {}: response broke off: {e}",
+                        upstream.deployment.id
+                    );
+                    // Headers are out; the only honest signal left is to cut the connection.
+                    session.set_keepalive(None);
+                    return;
+                }
+            }
+        }
+        let _ = session.write_response_body(Bytes::new(), true).await;
+        upstream.release(&self.connector, exchange).await;
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for Gateway {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        session.set_read_timeout(Some(DOWNSTREAM_READ_TIMEOUT));
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return None,
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        self.handle(&mut session).await;
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
+            _ => None,
+        }
+    }
+}
+
+/// The client's key: `Authorization: Bearer <key>`, or Azure clients' `api-key: <key>`.
+fn bearer(session: &ServerSession) -> Option<&[u8]> {
+    if let Some(v) = session.get_header(header::AUTHORIZATION) {
+        let v = v.as_bytes();
+        let scheme = v.get(..7)?;
+        return scheme
+            .eq_ignore_ascii_case(b"bearer ")
+            .then(|| v[7..].trim_ascii())
+            .filter(|k| !k.is_empty());
+    }
+    session
+        .get_header("api-key")
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|k| !k.is_empty())
+}
+
+/// Reads the whole request body, refusing more than `max` bytes.
+async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rejection> {
+    let declared = session
+        .get_header(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max) {
+        // The unread body makes the connection unusable for another request.
+        session.set_keepalive(None);
+        return Err(Rejection::TooLarge(max));
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > max {
+                    session.set_keepalive(None);
+                    return Err(Rejection::TooLarge(max));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) => {
+                log::debug!("reading request body: {e}");
+                session.set_keepalive(None);
+                return Err(Rejection::BadRequest(sluice_openai::ParseError::Json(
+                    "the request body could not be read completely".to_owned(),
+                )));
+            }
+        }
+    }
+}
+
+async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
+    let Ok(mut resp) = ResponseHeader::build(status, Some(2)) else {
+        return;
+    };
+    let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
+    let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
+    if session.write_response_header(Box::new(resp)).await.is_ok() {
+        let _ = session
+            .write_response_body(Bytes::copy_from_slice(body), true)
+            .await;
+    }
+}
+
+async fn respond_error(session: &mut ServerSession, rejection: &Rejection) {
+    let body = rejection.body().to_json();
+    write_json(session, rejection.status(), &body).await;
+}

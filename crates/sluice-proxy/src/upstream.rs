@@ -1,0 +1,246 @@
+//! One deployment as an HTTP peer, and one exchange with it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora_core::connectors::http::Connector;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType};
+use pingora_http::RequestHeader;
+use sluice_config::{Deployment, Provider};
+use sluice_openai::Endpoint;
+use tokio::time::{timeout_at, Instant};
+
+/// How long an idle upstream connection stays in the pool.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Cap on connecting (TCP + TLS), whatever the deployment's `timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest error body drained to keep a connection reusable before moving on.
+const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// A deployment ready to be called: its address (resolved once, lazily) and fixed headers.
+pub struct Upstream {
+    /// The deployment it came from.
+    pub deployment: Deployment,
+    peer: OnceLock<HttpPeer>,
+    host_header: String,
+}
+
+/// Why an exchange failed before a response header arrived.
+#[derive(Debug)]
+pub enum Failure {
+    /// Name resolution, TCP connect or TLS failed.
+    Connect(String),
+    /// No response header within the deployment's `timeout`.
+    Timeout,
+    /// The connection broke or the peer spoke garbage.
+    Protocol(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(why) => write!(f, "cannot connect: {why}"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::Protocol(why) => write!(f, "broken exchange: {why}"),
+        }
+    }
+}
+
+/// A response header received; the body is still to be read from `session`.
+pub struct Exchange {
+    /// The live client session (owns the connection).
+    pub session: HttpSession,
+}
+
+impl Upstream {
+    /// Wraps a deployment; resolves nothing yet.
+    pub fn new(deployment: Deployment) -> Self {
+        let b = &deployment.api_base;
+        let default_port = if b.tls { 443 } else { 80 };
+        let host = if b.host.contains(':') {
+            format!("[{}]", b.host)
+        } else {
+            b.host.clone()
+        };
+        let host_header = if b.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", b.port)
+        };
+        Self {
+            deployment,
+            peer: OnceLock::new(),
+            host_header,
+        }
+    }
+
+    /// The peer, resolving the host on first use. Resolution happens once per config load;
+    /// the request path after that touches no lock and no DNS.
+    async fn peer(&self) -> Result<&HttpPeer, Failure> {
+        if let Some(p) = self.peer.get() {
+            return Ok(p);
+        }
+        let b = &self.deployment.api_base;
+        let addr = tokio::net::lookup_host((b.host.as_str(), b.port))
+            .await
+            .map_err(|e| Failure::Connect(format!("resolving {}: {e}", b.host)))?
+            .next()
+            .ok_or_else(|| Failure::Connect(format!("{} has no address", b.host)))?;
+        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
+        let d = &self.deployment;
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
+        peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
+        peer.options.idle_timeout = Some(POOL_IDLE);
+        Ok(self.peer.get_or_init(|| peer))
+    }
+
+    /// The request line's path for `endpoint` on this deployment.
+    fn path(&self, endpoint: Endpoint) -> String {
+        let d = &self.deployment;
+        match d.provider {
+            Provider::Azure => format!(
+                "{}/openai/deployments/{}{}?api-version={}",
+                d.api_base.path,
+                d.upstream_model,
+                endpoint.path(),
+                d.api_version.as_deref().unwrap_or_default()
+            ),
+            _ => format!("{}{}", d.api_base.path, endpoint.path()),
+        }
+    }
+
+    fn request_header(
+        &self,
+        endpoint: Endpoint,
+        body_len: usize,
+        accept: Option<&[u8]>,
+        user_agent: Option<&[u8]>,
+    ) -> Result<RequestHeader, Failure> {
+        let bad = |e: Box<Error>| Failure::Protocol(format!("building the request: {e}"));
+        let mut req =
+            RequestHeader::build("POST", self.path(endpoint).as_bytes(), Some(8)).map_err(bad)?;
+        req.insert_header("host", self.host_header.as_str())
+            .map_err(bad)?;
+        req.insert_header("content-type", "application/json")
+            .map_err(bad)?;
+        req.insert_header("content-length", body_len.to_string())
+            .map_err(bad)?;
+        req.insert_header("accept", accept.unwrap_or(b"application/json"))
+            .map_err(bad)?;
+        if let Some(ua) = user_agent {
+            req.insert_header("user-agent", ua).map_err(bad)?;
+        }
+        if let Some(key) = &self.deployment.api_key {
+            match self.deployment.provider {
+                Provider::Azure => req.insert_header("api-key", key.expose()),
+                _ => req.insert_header("authorization", format!("Bearer {}", key.expose())),
+            }
+            .map_err(|_| {
+                Failure::Protocol("the deployment's api_key is not a valid header value".into())
+            })?;
+        }
+        Ok(req)
+    }
+
+    /// Sends `body` and waits for the response header, until `deadline`.
+    ///
+    /// A pooled connection that turns out dead is replaced once, transparently; a failure on a
+    /// fresh connection is the deployment's.
+    ///
+    /// # Errors
+    /// A [`Failure`] saying what went wrong before a response header arrived.
+    pub async fn send(
+        &self,
+        connector: &Connector,
+        endpoint: Endpoint,
+        body: &Bytes,
+        accept: Option<&[u8]>,
+        user_agent: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Exchange, Failure> {
+        let peer = self.peer().await?;
+        let attempt = async {
+            loop {
+                let (mut session, reused) = connector
+                    .get_http_session(peer)
+                    .await
+                    .map_err(|e| Failure::Connect(e.to_string()))?;
+                session.set_read_timeout(Some(self.deployment.stream_timeout));
+                let header = self.request_header(endpoint, body.len(), accept, user_agent)?;
+                let sent = async {
+                    session.write_request_header(Box::new(header)).await?;
+                    session.write_request_body(body.clone(), true).await?;
+                    session.finish_request_body().await?;
+                    session.read_response_header().await
+                }
+                .await;
+                match sent {
+                    Ok(()) => return Ok(Exchange { session }),
+                    Err(mut e) => {
+                        e.retry.decide_reuse(reused);
+                        if reused && e.retry() {
+                            continue; // a stale pooled connection: try a fresh one
+                        }
+                        return Err(classify(&e));
+                    }
+                }
+            }
+        };
+        timeout_at(deadline, attempt)
+            .await
+            .unwrap_or(Err(Failure::Timeout))
+    }
+
+    /// Returns the connection to the pool when the response was read to its end; otherwise
+    /// drops (closes) it.
+    pub async fn release(&self, connector: &Connector, mut exchange: Exchange) {
+        if !exchange.session.response_done() {
+            return;
+        }
+        if let Some(peer) = self.peer.get() {
+            connector
+                .release_http_session(exchange.session, peer, Some(POOL_IDLE))
+                .await;
+        } else {
+            exchange.session.shutdown().await;
+        }
+    }
+
+    /// Reads and discards a (small) error body so the connection can be pooled, then
+    /// releases it. Large or slow bodies just close the connection.
+    pub async fn discard(&self, connector: &Connector, mut exchange: Exchange, deadline: Instant) {
+        let drained = timeout_at(deadline, async {
+            let mut seen = 0;
+            while let Ok(Some(chunk)) = exchange.session.read_response_body().await {
+                seen += chunk.len();
+                if seen > DRAIN_LIMIT {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        if drained == Ok(true) {
+            self.release(connector, exchange).await;
+        }
+    }
+}
+
+fn classify(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ConnectTimedout
+        | ErrorType::ConnectRefused
+        | ErrorType::ConnectNoRoute
+        | ErrorType::TLSHandshakeFailure
+        | ErrorType::TLSHandshakeTimedout
+        | ErrorType::InvalidCert
+        | ErrorType::HandshakeError
+        | ErrorType::ConnectError
+        | ErrorType::SocketError => Failure::Connect(e.to_string()),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        _ => Failure::Protocol(e.to_string()),
+    }
+}
