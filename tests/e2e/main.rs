@@ -7,5 +7,6 @@
 mod common;
 mod config_files;
 mod errors;
+mod mock;
 mod proxy;
 mod streaming;

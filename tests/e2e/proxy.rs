@@ -191,6 +191,35 @@ async fn azure_gets_its_url_and_api_key_header() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_openai_compatible_provider_gets_bearer_auth_and_its_model_name() {
+    let up = MockUpstream::start(keyed("any", "k")).await.unwrap();
+    let mut yaml = String::from("model_list:\n");
+    for provider in ["openai", "hosted_vllm", "anthropic", "gemini"] {
+        yaml.push_str(&format!(
+            "  - model_name: {provider}\n    litellm_params: {{model: {provider}/org/{provider}-model, api_base: '{}', api_key: k}}\n",
+            up.base_url()
+        ));
+    }
+    let s = Sluice::start(&yaml).await;
+    for (i, provider) in ["openai", "hosted_vllm", "anthropic", "gemini"]
+        .iter()
+        .enumerate()
+    {
+        let resp = client()
+            .post(s.url("/v1/chat/completions"))
+            .body(chat(provider))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{provider}");
+        let r = &up.requests()[i];
+        assert_eq!(r.json()["model"], format!("org/{provider}-model"));
+        assert_eq!(r.headers["authorization"], "Bearer k");
+        assert_eq!(r.path, "/v1/chat/completions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_embeddings_models_and_health() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
     // Only the key's SHA-256 is in the file.
