@@ -1,0 +1,52 @@
+//! Global TPM/RPM limits that hold across replicas, with Redis off the request path.
+//!
+//! # The protocol
+//!
+//! Every *limit* (a scope's token or request budget, e.g. `deployment:gpt4.0:tpm`) has a
+//! **ledger**: a rolling window of `period` split into `slots` slots, each slot holding how
+//! much budget was *granted* in it. One atomic operation changes a ledger:
+//!
+//! - `claim(ask, min)`: drop slots older than the window, grant
+//!   `g = min(ask, limit − Σ slots)`, or 0 if `g < min`; add `g` to the current slot; return
+//!   `g`, the slot, what remains, and (when `g = 0`) when the oldest charged slot leaves the
+//!   window. Time is the ledger's own (`redis.call('TIME')`), never a replica's clock.
+//! - `refund(slot, n)`: give back up to `n` of what `slot` was charged, if `slot` is still in
+//!   the window.
+//!
+//! Invariant **L**: for every window, Σ grants ≤ limit. Claims are capped, so no interleaving
+//! of claims, refunds and clock steps breaks it (property-tested in `ledger::tests`, and the
+//! Redis script is checked against the in-process model in the end-to-end tests).
+//!
+//! A replica holds what it was granted as a **lease** in local sharded atomics
+//! ([`local::Shards`]); requests take their cost from there with a CAS, never waiting on the
+//! ledger while budget is local. A lease lives `lease_ttl`; what is unused when it expires is
+//! refunded to the slot it was charged to.
+//!
+//! **Bound.** Tokens admitted in any window come from grants in that window (≤ limit, by L)
+//! plus leases granted earlier and spent inside it; a replica holds at most `max_lease` at a
+//! time, so admitted ≤ limit + N × `max_lease` = limit + B, with N the replica count.
+//! [`Limiter::overshoot_bound`] exports B. Settlement can add the difference between a
+//! request's estimate and its real usage (charged as local debt that later grants repay).
+//!
+//! **Lease size** follows the replica's own demand: an EWMA of admitted cost per second ×
+//! `horizon`, capped by `remaining ÷ N` (its share of what is left), never below the cost of
+//! the request it is claimed for. A replica whose demand is below one request per horizon does
+//! not prefetch: it claims on demand, and that request waits one ledger round trip.
+//!
+//! **Ledger down** ([`OnRedisError`]): `local` grants from an in-process ledger sized
+//! `limit ÷ N` (N last known), `open` admits, `closed` refuses; the ledger is retried with
+//! backoff and claims return to it as soon as it answers.
+//!
+//! Not here: HTTP, config files, routing. The proxy builds [`LimitSpec`]s from its config and
+//! asks [`Limiter::admit`].
+
+mod ledger;
+mod limiter;
+pub mod local;
+mod redis_ledger;
+
+pub use ledger::{Grant, Ledger, LedgerError, MemoryLedger, Window};
+pub use limiter::{
+    Admitted, Kind, LimitHandle, LimitSpec, Limiter, Mode, OnRedisError, Rejected, Settings,
+};
+pub use redis_ledger::RedisLedger;

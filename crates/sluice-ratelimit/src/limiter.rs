@@ -1,0 +1,695 @@
+//! The limiter: local leases in front of a ledger. See the crate docs for the protocol.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::ledger::{Grant, Ledger, MemoryLedger, Window};
+use crate::local::Shards;
+
+/// What a limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Tokens (prompt + completion); settled with the response's `usage`.
+    Tokens,
+    /// Requests; one per admitted request.
+    Requests,
+}
+
+/// One limit to enforce: a scope's token or request budget per window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitSpec {
+    /// Stable name, also the ledger key and the metric label (`deployment:gpt4.0:tpm`).
+    pub id: String,
+    /// Budget per window.
+    pub limit: u64,
+    /// What it counts.
+    pub kind: Kind,
+}
+
+/// What to do while the shared ledger cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnRedisError {
+    /// Enforce `limit ÷ N` per replica from an in-process ledger (N last known).
+    #[default]
+    Local,
+    /// Admit everything.
+    Open,
+    /// Refuse everything.
+    Closed,
+}
+
+/// Where budget is coming from right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The ledger (Redis, or the in-process ledger when no Redis is configured).
+    Global,
+    /// Redis is down: per-replica share from an in-process ledger.
+    Local,
+    /// Redis is down: admitting everything.
+    Open,
+    /// Redis is down: refusing everything.
+    Closed,
+}
+
+impl Mode {
+    /// Label value for metrics and readiness output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Global => "global",
+            Self::Local => "local",
+            Self::Open => "open",
+            Self::Closed => "closed",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Local,
+            2 => Self::Open,
+            3 => Self::Closed,
+            _ => Self::Global,
+        }
+    }
+}
+
+/// Tuning. The defaults fit a 60 s window; tests shrink `window` to seconds.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The ledger's window.
+    pub window: Window,
+    /// How long a lease is held before its unused part is refunded.
+    pub lease_ttl: Duration,
+    /// Leases cover this much of the replica's own demand.
+    pub horizon: Duration,
+    /// Largest lease as a fraction of the limit (besides `remaining ÷ N`); sets the bound.
+    pub max_lease_fraction: f64,
+    /// Local shards per limit (one per worker thread is right).
+    pub shards: usize,
+    /// Behaviour while the ledger is unreachable.
+    pub on_redis_error: OnRedisError,
+    /// How often this replica heartbeats (and learns N).
+    pub heartbeat: Duration,
+    /// This replica's name in the heartbeat set.
+    pub replica_id: String,
+    /// Maintenance tick: EWMA sampling, lease expiry, prefetch.
+    pub tick: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            window: Window::default(),
+            lease_ttl: Duration::from_secs(5),
+            horizon: Duration::from_millis(500),
+            max_lease_fraction: 0.05,
+            shards: 2,
+            on_redis_error: OnRedisError::Local,
+            heartbeat: Duration::from_secs(1),
+            replica_id: "replica".to_owned(),
+            tick: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Where a lease came from, so its refund goes back there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Ledger,
+    Fallback,
+    Open,
+}
+
+#[derive(Debug)]
+struct Lease {
+    slot: u64,
+    granted: u64,
+    expires: Instant,
+    source: Source,
+}
+
+/// EWMA time constant for demand.
+const DEMAND_TAU: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Sample {
+    at: Instant,
+    admitted: u64,
+    requests: u64,
+}
+
+/// The state of one limit on this replica.
+#[derive(Debug)]
+struct LimitState {
+    spec: LimitSpec,
+    local: Shards,
+    leases: Mutex<VecDeque<Lease>>,
+    claim_lock: tokio::sync::Mutex<()>,
+    prefetching: AtomicBool,
+    admitted: AtomicU64,
+    requests: AtomicU64,
+    /// Admitted cost per second (EWMA), f64 bits.
+    rate: AtomicU64,
+    /// Average cost of one admission (EWMA), f64 bits.
+    avg_cost: AtomicU64,
+    sample: Mutex<Sample>,
+    /// What the ledger said was left, after this replica's last claim.
+    remaining: AtomicU64,
+    /// Largest single admission cost seen (for the bound).
+    max_cost: AtomicU64,
+    /// Usage settled so far (actual tokens or requests), for metrics and tests.
+    consumed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn load_f64(a: &AtomicU64) -> f64 {
+    f64::from_bits(a.load(Ordering::Relaxed))
+}
+
+fn store_f64(a: &AtomicU64, v: f64) {
+    a.store(v.to_bits(), Ordering::Relaxed);
+}
+
+/// A limit registered with a [`Limiter`]; the proxy keeps these next to its routes, so the
+/// request path never looks a limit up by name.
+#[derive(Debug, Clone)]
+pub struct LimitHandle(Arc<LimitState>);
+
+impl LimitHandle {
+    /// The limit's spec.
+    pub fn spec(&self) -> &LimitSpec {
+        &self.0.spec
+    }
+}
+
+/// A request that does not fit.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// The limit that refused it.
+    pub limit: String,
+    /// When budget should be back.
+    pub retry_after: Duration,
+}
+
+/// The shared ledger's health, so outages switch modes and recover with backoff.
+#[derive(Debug)]
+struct Health {
+    down_until: Mutex<Option<Instant>>,
+    backoff: Mutex<Duration>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Local leases in front of a ledger; see the crate docs.
+pub struct Limiter {
+    settings: Settings,
+    ledger: Arc<dyn Ledger>,
+    fallback: MemoryLedger,
+    limits: DashMap<String, Arc<LimitState>>,
+    replicas: AtomicU64,
+    mode: AtomicU8,
+    contacted: AtomicBool,
+    health: Health,
+    claims: AtomicU64,
+}
+
+impl std::fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("limits", &self.limits.len())
+            .field("mode", &self.mode())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limiter {
+    /// A limiter over `ledger`.
+    pub fn new(settings: Settings, ledger: Arc<dyn Ledger>) -> Arc<Self> {
+        let fallback = MemoryLedger::new(settings.window);
+        let contacted = !ledger.shared();
+        Arc::new(Self {
+            settings,
+            ledger,
+            fallback,
+            limits: DashMap::new(),
+            replicas: AtomicU64::new(1),
+            mode: AtomicU8::new(0),
+            contacted: AtomicBool::new(contacted),
+            health: Health {
+                down_until: Mutex::new(None),
+                backoff: Mutex::new(BACKOFF_MIN),
+            },
+            claims: AtomicU64::new(0),
+        })
+    }
+
+    /// Registers (or finds) the limit `spec.id`. A changed `limit` replaces the old state.
+    pub fn register(&self, spec: LimitSpec) -> LimitHandle {
+        if let Some(existing) = self.limits.get(&spec.id) {
+            if existing.spec == spec {
+                return LimitHandle(existing.clone());
+            }
+        }
+        let state = Arc::new(LimitState {
+            local: Shards::new(self.settings.shards),
+            leases: Mutex::new(VecDeque::new()),
+            claim_lock: tokio::sync::Mutex::new(()),
+            prefetching: AtomicBool::new(false),
+            admitted: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            rate: AtomicU64::new(0f64.to_bits()),
+            avg_cost: AtomicU64::new(0f64.to_bits()),
+            sample: Mutex::new(Sample {
+                at: Instant::now(),
+                admitted: 0,
+                requests: 0,
+            }),
+            remaining: AtomicU64::new(spec.limit),
+            max_cost: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            spec: spec.clone(),
+        });
+        self.limits.insert(spec.id, state.clone());
+        LimitHandle(state)
+    }
+
+    /// Where budget comes from right now.
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// Whether the ledger has answered at least once (always true without Redis).
+    pub fn ready(&self) -> bool {
+        self.contacted.load(Ordering::Relaxed)
+    }
+
+    /// Live replicas as last seen through heartbeats (1 without Redis).
+    pub fn replicas(&self) -> u64 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Ledger claims made so far (for the Redis-commands-per-request figure).
+    pub fn claims(&self) -> u64 {
+        self.claims.load(Ordering::Relaxed)
+    }
+
+    /// B: how far admitted budget for `limit` may exceed it in one window, summed over
+    /// replicas: N × the largest lease a replica takes (crate docs, "Bound").
+    pub fn overshoot_bound(&self, limit: &LimitHandle) -> u64 {
+        self.replicas() * self.max_lease(&limit.0)
+    }
+
+    /// An estimate of what is left of `limit`: the ledger's last answer plus what this
+    /// replica holds.
+    pub fn remaining(&self, limit: &LimitHandle) -> u64 {
+        let held = limit.0.local.total().max(0) as u64;
+        (limit.0.remaining.load(Ordering::Relaxed) + held).min(limit.0.spec.limit)
+    }
+
+    /// Usage settled against `limit` so far on this replica.
+    pub fn consumed(&self, limit: &LimitHandle) -> u64 {
+        limit.0.consumed.load(Ordering::Relaxed)
+    }
+
+    fn max_lease(&self, st: &LimitState) -> u64 {
+        let cap = (st.spec.limit as f64 * self.settings.max_lease_fraction).ceil() as u64;
+        cap.max(1).max(st.max_cost.load(Ordering::Relaxed))
+    }
+
+    /// Reserves `cost` on every limit in `costs`, all or nothing.
+    ///
+    /// While budget is local this touches only atomics. A limit without enough local budget
+    /// claims from the ledger first (one round trip, shared by concurrent callers).
+    ///
+    /// # Errors
+    /// [`Rejected`] naming the first limit that has no budget, with when it will.
+    pub async fn admit(
+        self: &Arc<Self>,
+        costs: &[(&LimitHandle, u64)],
+    ) -> Result<Admitted, Rejected> {
+        for round in 0..3 {
+            match self.try_take_all(costs) {
+                Ok(()) => {
+                    for (h, cost) in costs {
+                        let st = &h.0;
+                        st.admitted.fetch_add(*cost, Ordering::Relaxed);
+                        st.requests.fetch_add(1, Ordering::Relaxed);
+                        st.max_cost.fetch_max(*cost, Ordering::Relaxed);
+                        self.maybe_prefetch(st);
+                    }
+                    return Ok(Admitted {
+                        parts: costs.iter().map(|(h, c)| (h.0.clone(), *c)).collect(),
+                        sent: false,
+                        settled: false,
+                    });
+                }
+                Err(i) => {
+                    let (h, cost) = costs[i];
+                    if let Err(retry_after) = self.claim_for(&h.0, cost).await {
+                        return Err(Rejected {
+                            limit: h.0.spec.id.clone(),
+                            retry_after,
+                        });
+                    }
+                    log::trace!("limit {}: claimed on demand (round {round})", h.0.spec.id);
+                }
+            }
+        }
+        // Budget was claimed but taken by concurrent requests each time.
+        Err(Rejected {
+            limit: costs
+                .first()
+                .map(|(h, _)| h.0.spec.id.clone())
+                .unwrap_or_default(),
+            retry_after: self.settings.window.period / self.settings.window.slots.max(1),
+        })
+    }
+
+    /// Takes every cost locally or none; on failure, the index of the limit that lacked.
+    fn try_take_all(&self, costs: &[(&LimitHandle, u64)]) -> Result<(), usize> {
+        for (i, (h, cost)) in costs.iter().enumerate() {
+            if !h.0.local.try_take(*cost as i64) {
+                for (h, cost) in &costs[..i] {
+                    h.0.local.put(*cost as i64);
+                }
+                return Err(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Demand-sized lease for `st`, at least `need`.
+    fn lease_size(&self, st: &LimitState, need: u64) -> u64 {
+        let want = (load_f64(&st.rate) * self.settings.horizon.as_secs_f64()).ceil() as u64;
+        let share = st.remaining.load(Ordering::Relaxed) / self.replicas();
+        let cap = self.max_lease(st).min(share.max(1));
+        want.min(cap).max(need)
+    }
+
+    /// Claims at least `need` for `st`; single-flight per limit.
+    async fn claim_for(&self, st: &Arc<LimitState>, need: u64) -> Result<(), Duration> {
+        let _guard = st.claim_lock.lock().await;
+        let have = st.local.total();
+        if have >= need as i64 {
+            return Ok(()); // a concurrent claim filled it
+        }
+        let missing = (need as i64 - have) as u64;
+        let ask = self.lease_size(st, missing);
+        let (grant, source) = self.ledger_claim(st, ask, missing).await;
+        if grant.granted == 0 {
+            return Err(grant.retry_after.max(Duration::from_millis(1)));
+        }
+        self.accept(st, grant, source);
+        Ok(())
+    }
+
+    fn accept(&self, st: &LimitState, grant: Grant, source: Source) {
+        st.local.deposit(grant.granted as i64);
+        if source == Source::Ledger {
+            st.remaining.store(grant.remaining, Ordering::Relaxed);
+        }
+        if source != Source::Open {
+            lock(&st.leases).push_back(Lease {
+                slot: grant.slot,
+                granted: grant.granted,
+                expires: Instant::now() + self.settings.lease_ttl,
+                source,
+            });
+        }
+    }
+
+    /// One claim, falling back per [`OnRedisError`] while the ledger is down.
+    async fn ledger_claim(&self, st: &LimitState, ask: u64, min: u64) -> (Grant, Source) {
+        if self.ledger_usable() {
+            self.claims.fetch_add(1, Ordering::Relaxed);
+            match self
+                .ledger
+                .claim(&st.spec.id, st.spec.limit, ask, min)
+                .await
+            {
+                Ok(g) => {
+                    self.ledger_up();
+                    return (g, Source::Ledger);
+                }
+                Err(e) => self.ledger_down(&e.to_string()),
+            }
+        }
+        match self.settings.on_redis_error {
+            OnRedisError::Open => (
+                Grant {
+                    granted: ask,
+                    slot: 0,
+                    remaining: st.spec.limit,
+                    retry_after: Duration::ZERO,
+                },
+                Source::Open,
+            ),
+            OnRedisError::Closed => (
+                Grant {
+                    granted: 0,
+                    slot: 0,
+                    remaining: 0,
+                    retry_after: BACKOFF_MAX,
+                },
+                Source::Fallback,
+            ),
+            OnRedisError::Local => {
+                let share = st.spec.limit.div_ceil(self.replicas());
+                let g = self
+                    .fallback
+                    .claim_now(&st.spec.id, share, ask.min(share.max(min)), min);
+                (g, Source::Fallback)
+            }
+        }
+    }
+
+    fn ledger_usable(&self) -> bool {
+        lock(&self.health.down_until).is_none_or(|t| Instant::now() >= t)
+    }
+
+    fn ledger_up(&self) {
+        self.contacted.store(true, Ordering::Relaxed);
+        if self.mode.swap(0, Ordering::Relaxed) != 0 {
+            log::info!("ledger reachable again: limits are global");
+        }
+        *lock(&self.health.down_until) = None;
+        *lock(&self.health.backoff) = BACKOFF_MIN;
+    }
+
+    fn ledger_down(&self, why: &str) {
+        let mode = match self.settings.on_redis_error {
+            OnRedisError::Local => Mode::Local,
+            OnRedisError::Open => Mode::Open,
+            OnRedisError::Closed => Mode::Closed,
+        };
+        if self.mode.swap(mode as u8, Ordering::Relaxed) != mode as u8 {
+            log::warn!("ledger unreachable ({why}): limits now {}", mode.as_str());
+        }
+        let mut backoff = lock(&self.health.backoff);
+        *lock(&self.health.down_until) = Some(Instant::now() + *backoff);
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+    }
+
+    /// Starts a background claim when local budget runs below the low-water mark, unless the
+    /// replica is too quiet to prefetch (demand below one request per horizon).
+    fn maybe_prefetch(self: &Arc<Self>, st: &Arc<LimitState>) {
+        let want = load_f64(&st.rate) * self.settings.horizon.as_secs_f64();
+        let avg = load_f64(&st.avg_cost).max(1.0);
+        if want < avg || st.local.total() as f64 >= want / 2.0 {
+            return;
+        }
+        if st.prefetching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (this, st) = (self.clone(), st.clone());
+        // Short-lived (bounded by the ledger timeout); a lost prefetch costs only latency.
+        tokio::spawn(async move {
+            let need = load_f64(&st.avg_cost).ceil().max(1.0) as u64;
+            let _ = this
+                .claim_for(&st, st.local.total().max(0) as u64 + need)
+                .await;
+            st.prefetching.store(false, Ordering::Release);
+        });
+    }
+
+    /// Maintenance: sample demand, expire leases (refunding what is unused), heartbeat.
+    /// Runs until `stop` turns true, then refunds every lease.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_heartbeat = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= next_heartbeat {
+                next_heartbeat = now + self.settings.heartbeat;
+                self.heartbeat().await;
+            }
+            let states: Vec<Arc<LimitState>> =
+                self.limits.iter().map(|e| e.value().clone()).collect();
+            for st in states {
+                self.sample(&st, now);
+                self.expire(&st, now, false).await;
+                self.maybe_prefetch(&st);
+            }
+        }
+        self.release_all().await;
+    }
+
+    async fn heartbeat(&self) {
+        if !self.ledger.shared() || !self.ledger_usable() {
+            return;
+        }
+        let ttl = self.settings.heartbeat * 3;
+        match self.ledger.heartbeat(&self.settings.replica_id, ttl).await {
+            Ok(n) => {
+                self.replicas.store(n.max(1), Ordering::Relaxed);
+                self.ledger_up();
+            }
+            Err(e) => self.ledger_down(&e.to_string()),
+        }
+    }
+
+    fn sample(&self, st: &LimitState, now: Instant) {
+        let admitted = st.admitted.load(Ordering::Relaxed);
+        let requests = st.requests.load(Ordering::Relaxed);
+        let mut s = lock(&st.sample);
+        let dt = now.duration_since(s.at).as_secs_f64();
+        if dt <= 0.0 {
+            return;
+        }
+        let alpha = 1.0 - (-dt / DEMAND_TAU.as_secs_f64()).exp();
+        let inst = (admitted - s.admitted) as f64 / dt;
+        store_f64(&st.rate, alpha * inst + (1.0 - alpha) * load_f64(&st.rate));
+        let n = requests - s.requests;
+        if n > 0 {
+            let cost = (admitted - s.admitted) as f64 / n as f64;
+            let old = load_f64(&st.avg_cost);
+            store_f64(
+                &st.avg_cost,
+                if old == 0.0 {
+                    cost
+                } else {
+                    0.8 * old + 0.2 * cost
+                },
+            );
+        }
+        *s = Sample {
+            at: now,
+            admitted,
+            requests,
+        };
+    }
+
+    /// Refunds the unused part of expired leases (all leases when `all`). Budget is spent
+    /// oldest lease first, so what is unused belongs to the newest leases.
+    async fn expire(&self, st: &LimitState, now: Instant, all: bool) {
+        loop {
+            let (lease, newer) = {
+                let mut leases = lock(&st.leases);
+                match leases.front() {
+                    Some(l) if all || l.expires <= now => {}
+                    _ => return,
+                }
+                let newer: u64 = leases.iter().skip(1).map(|l| l.granted).sum();
+                match leases.pop_front() {
+                    Some(l) => (l, newer),
+                    None => return,
+                }
+            };
+            let unused = (st.local.total() - newer as i64).clamp(0, lease.granted as i64);
+            let back = st.local.drain_upto(unused);
+            if back <= 0 {
+                continue;
+            }
+            let refunded = match lease.source {
+                Source::Ledger => self
+                    .ledger
+                    .refund(&st.spec.id, lease.slot, back as u64)
+                    .await
+                    .map_err(|e| self.ledger_down(&e.to_string())),
+                Source::Fallback => self
+                    .fallback
+                    .refund(&st.spec.id, lease.slot, back as u64)
+                    .await
+                    .map_err(drop),
+                Source::Open => Ok(0),
+            };
+            if let Ok(n) = refunded {
+                st.remaining.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Refunds every lease held (on shutdown), so no budget stays stranded.
+    pub async fn release_all(&self) {
+        let states: Vec<Arc<LimitState>> = self.limits.iter().map(|e| e.value().clone()).collect();
+        let now = Instant::now();
+        for st in states {
+            self.expire(&st, now, true).await;
+        }
+    }
+}
+
+/// Budget reserved for one request. Settle it with the real usage; dropping it unsettled
+/// releases everything when the request was never sent, and keeps the estimate charged when
+/// it was (the upstream may have done the work).
+#[derive(Debug)]
+pub struct Admitted {
+    parts: Vec<(Arc<LimitState>, u64)>,
+    sent: bool,
+    settled: bool,
+}
+
+impl Admitted {
+    /// Marks the request as sent upstream: from now on, dropping it charges the estimate.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    /// Settles with the actual token usage: refunds or charges the difference on token
+    /// limits (a charge past the local budget becomes debt that later grants repay).
+    pub fn settle(mut self, tokens: u64) {
+        for (st, reserved) in &self.parts {
+            let actual = match st.spec.kind {
+                Kind::Tokens => tokens,
+                Kind::Requests => *reserved,
+            };
+            st.local.put(*reserved as i64 - actual as i64);
+            st.consumed.fetch_add(actual, Ordering::Relaxed);
+        }
+        self.settled = true;
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        for (st, reserved) in &self.parts {
+            if self.sent {
+                st.consumed.fetch_add(*reserved, Ordering::Relaxed);
+            } else {
+                st.local.put(*reserved as i64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

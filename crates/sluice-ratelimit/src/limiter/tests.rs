@@ -1,0 +1,217 @@
+use super::*;
+use crate::ledger::LedgerError;
+use async_trait::async_trait;
+
+fn settings() -> Settings {
+    Settings {
+        window: Window {
+            period: Duration::from_secs(10),
+            slots: 10,
+        },
+        lease_ttl: Duration::from_secs(2),
+        ..Settings::default()
+    }
+}
+
+fn tokens(id: &str, limit: u64) -> LimitSpec {
+    LimitSpec {
+        id: id.to_owned(),
+        limit,
+        kind: Kind::Tokens,
+    }
+}
+
+fn memory() -> Arc<Limiter> {
+    Limiter::new(settings(), Arc::new(MemoryLedger::new(settings().window)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_replica_admits_exactly_the_limit() {
+    let l = memory();
+    let t = l.register(tokens("d:tpm", 100));
+    let mut admitted = 0;
+    for _ in 0..20 {
+        match l.admit(&[(&t, 15)]).await {
+            Ok(a) => {
+                a.settle(15);
+                admitted += 15;
+            }
+            Err(r) => {
+                assert_eq!(r.limit, "d:tpm");
+                assert!(r.retry_after > Duration::ZERO && r.retry_after <= Duration::from_secs(10));
+            }
+        }
+    }
+    assert_eq!(admitted, 90, "six 15-token requests fit in 100");
+    assert_eq!(l.consumed(&t), 90);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(
+        l.admit(&[(&t, 15)]).await.is_ok(),
+        "budget returns with the window"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn admission_is_all_or_nothing_across_limits() {
+    let l = memory();
+    let key = l.register(tokens("k:tpm", 1000));
+    let dep = l.register(LimitSpec {
+        id: "d:rpm".into(),
+        limit: 1,
+        kind: Kind::Requests,
+    });
+    let first = l.admit(&[(&key, 100), (&dep, 1)]).await.unwrap();
+    first.settle(100);
+    let before = l.remaining(&key);
+    let err = l.admit(&[(&key, 100), (&dep, 1)]).await.unwrap_err();
+    assert_eq!(err.limit, "d:rpm");
+    assert_eq!(l.remaining(&key), before, "the key's share was put back");
+}
+
+#[tokio::test(start_paused = true)]
+async fn settlement_refunds_and_charges_the_difference() {
+    let l = memory();
+    let t = l.register(tokens("t", 100));
+    // Reserve 61 (estimate + max_tokens), use 18: three such requests fit, not one.
+    let mut served = 0;
+    while let Ok(a) = l.admit(&[(&t, 61)]).await {
+        a.settle(18);
+        served += 1;
+    }
+    assert_eq!(served, 3);
+    assert_eq!(l.consumed(&t), 54);
+    // A request using more than it reserved leaves debt that blocks the next one.
+    let l = memory();
+    let t = l.register(tokens("t", 100));
+    l.admit(&[(&t, 10)]).await.unwrap().settle(95);
+    assert!(l.admit(&[(&t, 10)]).await.is_err(), "95 used + 10 > 100");
+}
+
+#[tokio::test(start_paused = true)]
+async fn unsent_requests_release_and_sent_ones_keep_the_estimate() {
+    let l = memory();
+    let t = l.register(tokens("t", 50));
+    drop(l.admit(&[(&t, 50)]).await.unwrap());
+    let mut a = l
+        .admit(&[(&t, 50)])
+        .await
+        .expect("released budget is usable again");
+    a.mark_sent();
+    drop(a);
+    assert_eq!(l.consumed(&t), 50);
+    assert!(l.admit(&[(&t, 1)]).await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn expired_leases_go_back_to_the_ledger() {
+    let ledger = Arc::new(MemoryLedger::new(settings().window));
+    let a = Limiter::new(settings(), ledger.clone());
+    let b = Limiter::new(settings(), ledger.clone());
+    let ta = a.register(tokens("shared", 100));
+    let tb = b.register(tokens("shared", 100));
+    drop(a.admit(&[(&ta, 100)]).await.unwrap()); // A now holds 100 unused
+    assert!(b.admit(&[(&tb, 1)]).await.is_err(), "A holds everything");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(a.clone().run(stop_rx));
+    tokio::time::advance(settings().lease_ttl + Duration::from_millis(100)).await;
+    tokio::task::yield_now().await;
+    // Let the maintenance tick run to completion.
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_millis(50)).await;
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        b.admit(&[(&tb, 100)]).await.is_ok(),
+        "A's unused lease was refunded"
+    );
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// A ledger that can be switched off, to drive outages.
+struct Flaky {
+    inner: MemoryLedger,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl Ledger for Flaky {
+    async fn claim(&self, key: &str, limit: u64, ask: u64, min: u64) -> Result<Grant, LedgerError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(LedgerError("down".into()));
+        }
+        self.inner.claim(key, limit, ask, min).await
+    }
+    async fn refund(&self, key: &str, slot: u64, amount: u64) -> Result<u64, LedgerError> {
+        self.inner.refund(key, slot, amount).await
+    }
+    async fn heartbeat(&self, _: &str, _: Duration) -> Result<u64, LedgerError> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(LedgerError("down".into()));
+        }
+        Ok(4)
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+async fn outage(mode: OnRedisError) -> (Arc<Limiter>, LimitHandle, Arc<Flaky>) {
+    let flaky = Arc::new(Flaky {
+        inner: MemoryLedger::new(settings().window),
+        down: AtomicBool::new(false),
+    });
+    let l = Limiter::new(
+        Settings {
+            on_redis_error: mode,
+            ..settings()
+        },
+        flaky.clone(),
+    );
+    l.heartbeat().await; // learns N = 4
+    assert_eq!((l.replicas(), l.mode(), l.ready()), (4, Mode::Global, true));
+    let t = l.register(tokens("t", 100));
+    flaky.down.store(true, Ordering::Relaxed);
+    (l, t, flaky)
+}
+
+#[tokio::test(start_paused = true)]
+async fn local_mode_enforces_a_per_replica_share_and_recovers() {
+    let (l, t, flaky) = outage(OnRedisError::Local).await;
+    let mut got = 0u64;
+    while let Ok(a) = l.admit(&[(&t, 5)]).await {
+        a.settle(5);
+        got += 5;
+        assert!(got <= 100, "local mode must enforce a share");
+    }
+    assert_eq!(got, 25, "100 ÷ 4 replicas");
+    assert_eq!(l.mode(), Mode::Local);
+    flaky.down.store(false, Ordering::Relaxed);
+    tokio::time::advance(BACKOFF_MAX).await;
+    assert!(l.admit(&[(&t, 5)]).await.is_ok());
+    assert_eq!(l.mode(), Mode::Global, "claims went back to the ledger");
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_and_closed_modes() {
+    let (l, t, _f) = outage(OnRedisError::Open).await;
+    for _ in 0..50 {
+        l.admit(&[(&t, 10)]).await.unwrap().settle(10);
+    }
+    assert_eq!(l.mode(), Mode::Open);
+    let (l, t, _f) = outage(OnRedisError::Closed).await;
+    assert!(l.admit(&[(&t, 1)]).await.is_err());
+    assert_eq!(l.mode(), Mode::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_bound_is_replicas_times_the_largest_lease() {
+    let (l, t, _f) = outage(OnRedisError::Local).await;
+    assert_eq!(l.overshoot_bound(&t), 4 * 5, "5% of 100, four replicas");
+    l.admit(&[(&t, 20)]).await.unwrap().settle(20);
+    assert_eq!(
+        l.overshoot_bound(&t),
+        4 * 20,
+        "a request larger than the cap is its own lease"
+    );
+}
