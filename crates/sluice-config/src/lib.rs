@@ -48,6 +48,8 @@ pub struct Config {
     pub router: RouterSettings,
     /// Redis connection, when configured; without it Sluice runs on in-process state.
     pub redis: Option<RedisSettings>,
+    /// `limits`: how TPM/RPM limits are enforced.
+    pub limits: LimitSettings,
 }
 
 impl Config {
@@ -249,6 +251,39 @@ pub struct RouterSettings {
     pub allowed_fails: u32,
     /// How long a deployment cools down.
     pub cooldown_time: Duration,
+}
+
+/// `limits`: rate-limit tuning (Sluice's own section).
+#[derive(Debug, Clone)]
+pub struct LimitSettings {
+    /// The window a `tpm`/`rpm` is counted over (60 s: "per minute").
+    pub period: Duration,
+    /// Slots per window; budget comes back slot by slot.
+    pub slots: u32,
+    /// How long a replica holds a lease before refunding what it did not use.
+    pub lease_ttl: Duration,
+    /// Leases cover this much of a replica's own demand.
+    pub horizon: Duration,
+    /// Largest lease as a fraction of the limit; with N replicas the overshoot bound is
+    /// N × this × limit.
+    pub max_lease_fraction: f64,
+    /// What to do while Redis is unreachable.
+    pub on_redis_error: OnRedisError,
+    /// Completion tokens reserved when a request sets no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Longest wait for one Redis call.
+    pub redis_timeout: Duration,
+}
+
+/// `limits.on_redis_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Enforce `limit ÷ replicas` per replica (default).
+    Local,
+    /// Admit everything.
+    Open,
+    /// Refuse everything.
+    Closed,
 }
 
 /// Where Redis is.

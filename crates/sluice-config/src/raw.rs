@@ -76,6 +76,19 @@ pub(crate) struct RawServer {
     pub deployment_header: Option<bool>,
 }
 
+/// `limits`: Sluice's rate-limit tuning.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawLimits {
+    pub period: Option<f64>,
+    pub slots: Option<u32>,
+    pub lease_ttl: Option<f64>,
+    pub horizon: Option<f64>,
+    pub max_lease_fraction: Option<f64>,
+    pub on_redis_error: Option<String>,
+    pub default_max_tokens: Option<u64>,
+    pub redis_timeout: Option<f64>,
+}
+
 /// One entry of `keys`: a virtual key.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawKey {

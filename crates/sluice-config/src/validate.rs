@@ -7,13 +7,13 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::raw::{
-    RawDeployment, RawGeneralSettings, RawKey, RawRouterSettings, RawServer, LITELLM_KNOWN_KEYS,
-    LITELLM_SECTIONS,
+    RawDeployment, RawGeneralSettings, RawKey, RawLimits, RawRouterSettings, RawServer,
+    LITELLM_KNOWN_KEYS, LITELLM_SECTIONS,
 };
 use crate::{
-    ApiBase, Config, ConfigError, Deployment, KeyDigest, Loaded, ModelGroup, Problem, Provider,
-    RedisSettings, RouterSettings, RoutingStrategy, Secret, ServerSettings, VirtualKey,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT,
+    ApiBase, Config, ConfigError, Deployment, KeyDigest, LimitSettings, Loaded, ModelGroup,
+    OnRedisError, Problem, Provider, RedisSettings, RouterSettings, RoutingStrategy, Secret,
+    ServerSettings, VirtualKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT,
 };
 
 /// Top-level sections Sluice reads, for "did you mean" hints.
@@ -23,6 +23,7 @@ const SECTIONS: &[&str] = &[
     "router_settings",
     "server",
     "keys",
+    "limits",
 ];
 
 /// Prefix of a value taken from the environment (LiteLLM's convention).
@@ -75,6 +76,7 @@ struct RawRoot {
     general: RawGeneralSettings,
     router: RawRouterSettings,
     server: RawServer,
+    limits: RawLimits,
 }
 
 impl Cx<'_> {
@@ -105,6 +107,7 @@ impl Cx<'_> {
             .map(|k| KeyDigest::of(k.as_bytes()));
         let redis = self.redis(&router_redis);
         let server = self.server(root.server);
+        let limits = self.limits(root.limits);
         Some(Config {
             server,
             master_key,
@@ -112,6 +115,7 @@ impl Cx<'_> {
             groups,
             router,
             redis,
+            limits,
         })
     }
 
@@ -159,6 +163,11 @@ impl Cx<'_> {
                 "server" => {
                     if let Some(v) = self.section(value, &key) {
                         root.server = v;
+                    }
+                }
+                "limits" => {
+                    if let Some(v) = self.section(value, &key) {
+                        root.limits = v;
                     }
                 }
                 k if LITELLM_SECTIONS.contains(&k) => {
@@ -618,6 +627,70 @@ impl Cx<'_> {
         Some(RedisSettings {
             url: Secret::new(url),
         })
+    }
+
+    fn limits(&mut self, raw: RawLimits) -> LimitSettings {
+        let period = self
+            .seconds(raw.period, "limits.period")
+            .unwrap_or(Duration::from_secs(60));
+        let slots = match raw.slots {
+            None => 60,
+            Some(n) if (1..=3600).contains(&n) => n,
+            Some(n) => {
+                self.problem(
+                    "limits.slots",
+                    format!("must be between 1 and 3600, got {n}"),
+                );
+                60
+            }
+        };
+        if period.as_millis() < u128::from(slots) {
+            self.problem(
+                "limits.slots",
+                "each slot must be at least 1 ms (period ÷ slots)",
+            );
+        }
+        let max_lease_fraction = match raw.max_lease_fraction {
+            None => 0.05,
+            Some(f) if f > 0.0 && f <= 1.0 => f,
+            Some(f) => {
+                self.problem(
+                    "limits.max_lease_fraction",
+                    format!("must be in (0, 1], got {f}"),
+                );
+                0.05
+            }
+        };
+        let on_redis_error = match raw.on_redis_error.as_deref() {
+            None | Some("local") => OnRedisError::Local,
+            Some("open") => OnRedisError::Open,
+            Some("closed") => OnRedisError::Closed,
+            Some(other) => {
+                self.problem(
+                    "limits.on_redis_error",
+                    format!("expected local, open or closed, got `{other}`"),
+                );
+                OnRedisError::Local
+            }
+        };
+        LimitSettings {
+            period,
+            slots,
+            lease_ttl: self
+                .seconds(raw.lease_ttl, "limits.lease_ttl")
+                .unwrap_or(Duration::from_secs(5).min(period)),
+            horizon: self
+                .seconds(raw.horizon, "limits.horizon")
+                .unwrap_or(Duration::from_millis(500)),
+            max_lease_fraction,
+            on_redis_error,
+            default_max_tokens: self
+                .positive(raw.default_max_tokens, "limits.default_max_tokens")
+                .unwrap_or(1024),
+            redis_timeout: self
+                .seconds(raw.redis_timeout, "limits.redis_timeout")
+                .unwrap_or(Duration::from_millis(500)),
+        }
     }
 
     fn server(&mut self, raw: RawServer) -> ServerSettings {

@@ -10,6 +10,8 @@
 
 mod error;
 mod request;
+mod usage;
 
 pub use error::{ErrorBody, ErrorType};
-pub use request::{Endpoint, ParseError, Request};
+pub use request::{Endpoint, ParseError, Request, Shaped};
+pub use usage::{usage_of_json, SseRelay, Usage};

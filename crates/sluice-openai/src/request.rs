@@ -129,6 +129,18 @@ pub struct Request {
     stream: bool,
     max_tokens: Option<u64>,
     prompt_bytes: usize,
+    /// The client set `stream_options.include_usage: true`.
+    client_wants_usage: bool,
+}
+
+/// A body shaped for one deployment.
+#[derive(Debug, Clone)]
+pub struct Shaped {
+    /// The bytes to send.
+    pub body: Bytes,
+    /// Sluice added `stream_options.include_usage` on its own account: the usage chunk must
+    /// not reach the client.
+    pub injected_usage: bool,
 }
 
 impl fmt::Debug for Request {
@@ -165,6 +177,7 @@ impl Request {
         let mut stream = false;
         let mut max_tokens = None;
         let mut prompt_bytes = None;
+        let mut client_wants_usage = false;
         for (key, value) in raw {
             let json = value.get();
             match key.as_str() {
@@ -192,6 +205,9 @@ impl Request {
                     // The newer name wins when both are sent, as OpenAI documents.
                     max_tokens = token_count(json, "max_completion_tokens")?.or(max_tokens);
                 }
+                "stream_options" => {
+                    client_wants_usage = include_usage(json)?;
+                }
                 k if k == endpoint.prompt_field() => {
                     prompt_bytes = Some(check_prompt(endpoint, json)?);
                 }
@@ -214,6 +230,7 @@ impl Request {
             stream,
             max_tokens,
             prompt_bytes,
+            client_wants_usage,
         })
     }
 
@@ -254,12 +271,21 @@ impl Request {
         self.fields.iter().map(|f| f.key.as_str())
     }
 
+    /// Whether the client asked for a final usage chunk in its stream.
+    pub fn client_wants_usage(&self) -> bool {
+        self.client_wants_usage
+    }
+
     /// The body to send upstream: every top-level field in its order, values copied as raw
-    /// bytes, with `model` set to `upstream_model` (and written first).
-    pub fn shape(&self, upstream_model: &str) -> Bytes {
-        let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 16);
+    /// bytes, with `model` set to `upstream_model` (and written first). A stream also asks
+    /// for `stream_options.include_usage`, so the response can settle the token count.
+    pub fn shape(&self, upstream_model: &str) -> Shaped {
+        let inject =
+            self.stream && self.endpoint != Endpoint::Embeddings && !self.client_wants_usage;
+        let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 48);
         out.extend_from_slice(b"{\"model\":");
         write_json_string(&mut out, upstream_model);
+        let mut wrote_options = false;
         for f in &self.fields {
             if f.key == "model" {
                 continue;
@@ -267,10 +293,22 @@ impl Request {
             out.push(b',');
             write_json_string(&mut out, &f.key);
             out.push(b':');
-            out.extend_from_slice(&self.body[f.value.clone()]);
+            let raw = &self.body[f.value.clone()];
+            if inject && f.key == "stream_options" {
+                write_with_usage(&mut out, raw);
+                wrote_options = true;
+            } else {
+                out.extend_from_slice(raw);
+            }
+        }
+        if inject && !wrote_options {
+            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
         }
         out.push(b'}');
-        Bytes::from(out)
+        Shaped {
+            body: Bytes::from(out),
+            injected_usage: inject,
+        }
     }
 }
 
@@ -303,6 +341,28 @@ fn too_deep(json: &[u8], limit: usize) -> bool {
         }
     }
     false
+}
+
+/// `stream_options` with `include_usage: true` merged in (the object is tiny).
+fn write_with_usage(out: &mut Vec<u8>, raw: &[u8]) {
+    let mut map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(raw).unwrap_or_default();
+    map.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    let _ = serde_json::to_writer(&mut *out, &map);
+}
+
+/// Reads `stream_options.include_usage` (absent or null counts as false).
+fn include_usage(json: &str) -> Result<bool, ParseError> {
+    #[derive(serde::Deserialize)]
+    struct Options {
+        include_usage: Option<bool>,
+    }
+    let bad = ParseError::Invalid {
+        field: "stream_options",
+        why: "expected an object with a boolean `include_usage`",
+    };
+    let opts: Option<Options> = serde_json::from_str(json).map_err(|_| bad)?;
+    Ok(opts.and_then(|o| o.include_usage).unwrap_or(false))
 }
 
 fn write_json_string(out: &mut Vec<u8>, s: &str) {
@@ -443,7 +503,7 @@ mod tests {
         let body = r#"{ "model" : "group", "messages":[{"role":"user","content":"a\u00e9\n"}],
             "temperature": 0.70, "weird\"key": {"x": [1, 2]} }"#;
         let r = parse(body).unwrap();
-        let out = r.shape("real-model");
+        let out = r.shape("real-model").body;
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.starts_with(r#"{"model":"real-model","#), "{text}");
         // Raw bytes, not re-encoded: the escape and the 0.70 survive as written.
@@ -452,6 +512,41 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["weird\"key"]["x"][1], 2);
         assert_eq!(v.as_object().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn streams_ask_for_usage_unless_the_client_did() {
+        let plain = parse(r#"{"model":"m","stream":true,"messages":[]}"#)
+            .unwrap()
+            .shape("u");
+        assert!(plain.injected_usage);
+        let v: serde_json::Value = serde_json::from_slice(&plain.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let merged = parse(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#)
+            .unwrap()
+            .shape("u");
+        let v: serde_json::Value = serde_json::from_slice(&merged.body).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert_eq!(
+            v.as_object().unwrap().len(),
+            4,
+            "no duplicate stream_options"
+        );
+        let asked = parse(
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        )
+        .unwrap();
+        assert!(asked.client_wants_usage() && !asked.shape("u").injected_usage);
+        let not_stream = parse(r#"{"model":"m","messages":[]}"#).unwrap().shape("u");
+        assert!(
+            !not_stream.injected_usage
+                && !std::str::from_utf8(&not_stream.body)
+                    .unwrap()
+                    .contains("stream_options")
+        );
     }
 
     #[test]

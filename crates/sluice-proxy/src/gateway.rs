@@ -14,12 +14,14 @@ use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use sluice_config::{Config, KeyDigest, VirtualKey};
-use sluice_openai::{Endpoint, Request};
+use sluice_openai::{Endpoint, Request, SseRelay};
+use sluice_ratelimit::{Admitted, Kind, LimitHandle, Limiter};
 use sluice_router::Plan;
 use tokio::time::Instant;
 
+use crate::limits::{RateHeaders, Scopes};
 use crate::reject::Rejection;
-use crate::upstream::{Failure, Upstream};
+use crate::upstream::{Exchange, Failure, Upstream};
 
 /// How long Sluice waits for the next piece of a client's request before giving up on it.
 const DOWNSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,19 +44,23 @@ fn retryable(status: u16) -> bool {
     matches!(status, 429 | 500 | 502 | 503 | 504)
 }
 
+/// Largest non-streamed response body Sluice buffers a copy of to read `usage`; a larger one
+/// is settled by its estimate.
+const USAGE_SCAN_LIMIT: usize = 8 * 1024 * 1024;
+
 /// Who is calling.
 enum Caller<'a> {
     /// The master key, or any caller when no keys are configured.
     Admin,
-    /// A virtual key.
-    Key(&'a VirtualKey),
+    /// A virtual key, with its index in `config.keys`.
+    Key(&'a VirtualKey, usize),
 }
 
 impl Caller<'_> {
     fn allows(&self, group: &str) -> bool {
         match self {
             Caller::Admin => true,
-            Caller::Key(k) => k.allows(group),
+            Caller::Key(k, _) => k.allows(group),
         }
     }
 }
@@ -67,11 +73,13 @@ pub struct Gateway {
     upstreams: HashMap<String, Upstream>,
     connector: Connector,
     draining: AtomicBool,
+    limiter: Arc<Limiter>,
+    scopes: Scopes,
 }
 
 impl Gateway {
-    /// Builds the state for `config`.
-    pub fn new(config: Config) -> Self {
+    /// Builds the state for `config`, enforcing its limits through `limiter`.
+    pub fn new(config: Config, limiter: Arc<Limiter>) -> Self {
         let keys = config
             .keys
             .iter()
@@ -90,13 +98,26 @@ impl Gateway {
                  (set general_settings.master_key to require one)"
             );
         }
+        let scopes = Scopes::register(&config, &limiter);
         Self {
             config,
             keys,
             upstreams,
             connector: Connector::new(None),
             draining: AtomicBool::new(false),
+            limiter,
+            scopes,
         }
+    }
+
+    /// The limiter enforcing this gateway's limits.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// The limit named `id` (`deployment:<id>:tpm`, `key:<alias>:rpm`, …), if configured.
+    pub fn limiter_handle(&self, id: &str) -> Option<LimitHandle> {
+        self.scopes.handle(id)
     }
 
     /// Marks the gateway as draining: readiness answers 503 from now on.
@@ -115,8 +136,7 @@ impl Gateway {
         }
         self.keys
             .get(&digest)
-            .and_then(|i| self.config.keys.get(*i))
-            .map(Caller::Key)
+            .and_then(|i| self.config.keys.get(*i).map(|k| Caller::Key(k, *i)))
             .ok_or(Rejection::BadKey)
     }
 
@@ -132,8 +152,15 @@ impl Gateway {
             ("GET" | "HEAD", "/health/readiness") => {
                 if self.draining.load(Ordering::Relaxed) {
                     Err(Rejection::Draining)
+                } else if !self.limiter.ready() {
+                    Err(Rejection::NotReady)
                 } else {
-                    write_json(session, 200, br#"{"status":"ready"}"#).await;
+                    let body = format!(
+                        r#"{{"status":"ready","limits":"{}","replicas":{}}}"#,
+                        self.limiter.mode().as_str(),
+                        self.limiter.replicas()
+                    );
+                    write_json(session, 200, body.as_bytes()).await;
                     Ok(())
                 }
             }
@@ -190,20 +217,68 @@ impl Gateway {
         let user_agent = session
             .get_header(header::USER_AGENT)
             .map(|v| v.as_bytes().to_vec());
+        let tokens = request.prompt_tokens_estimate()
+            + match endpoint {
+                Endpoint::Embeddings => 0,
+                _ => request
+                    .max_tokens()
+                    .unwrap_or(self.config.limits.default_max_tokens),
+            };
+        let key_scopes: &[LimitHandle] = match caller {
+            Caller::Key(_, i) => self.scopes.key(i, &group.name),
+            Caller::Admin => &[],
+        };
         let candidates = plan.candidates();
         let mut last_failure = None;
+        let mut limited: Option<sluice_ratelimit::Rejected> = None;
         for (i, deployment) in candidates.iter().enumerate() {
             let Some(upstream) = self.upstreams.get(&deployment.id) else {
                 continue;
             };
             let is_last = i + 1 == candidates.len();
-            let body = request.shape(&deployment.upstream_model);
+            // Look before leaping: reserve budget on every scope this candidate touches.
+            let handles: Vec<&LimitHandle> = key_scopes
+                .iter()
+                .chain(self.scopes.deployment(&deployment.id))
+                .collect();
+            let costs: Vec<(&LimitHandle, u64)> = handles
+                .iter()
+                .map(|h| {
+                    let cost = match h.spec().kind {
+                        Kind::Tokens => tokens,
+                        Kind::Requests => 1,
+                    };
+                    (*h, cost)
+                })
+                .collect();
+            let admitted = match self.limiter.admit(&costs).await {
+                Ok(a) => a,
+                Err(r) => {
+                    log::debug!(
+                        "deployment {} skipped: limit {} exhausted",
+                        deployment.id,
+                        r.limit
+                    );
+                    let key_scope = r.limit.starts_with("key:");
+                    if limited
+                        .as_ref()
+                        .is_none_or(|l| r.retry_after < l.retry_after)
+                    {
+                        limited = Some(r);
+                    }
+                    if key_scope {
+                        break; // the caller's own budget: no other deployment helps
+                    }
+                    continue;
+                }
+            };
+            let shaped = request.shape(&deployment.upstream_model);
             let deadline = Instant::now() + deployment.timeout;
             let exchange = upstream
                 .send(
                     &self.connector,
                     endpoint,
-                    &body,
+                    &shaped.body,
                     accept.as_deref(),
                     user_agent.as_deref(),
                     deadline,
@@ -214,7 +289,7 @@ impl Gateway {
                 Err(failure) => {
                     log::warn!("deployment {}: {failure}", deployment.id);
                     last_failure = Some(failure);
-                    continue;
+                    continue; // `admitted` is released: nothing was served
                 }
             };
             let status = exchange
@@ -229,8 +304,23 @@ impl Gateway {
                 upstream.discard(&self.connector, exchange, deadline).await;
                 continue;
             }
-            self.relay(session, upstream, exchange).await;
+            let rate = RateHeaders::of(&self.limiter, &handles);
+            self.relay(
+                session,
+                upstream,
+                exchange,
+                admitted,
+                shaped.injected_usage,
+                rate,
+            )
+            .await;
             return Ok(());
+        }
+        if let Some(r) = limited {
+            if last_failure.is_none() {
+                let rate = self.scopes.rate_headers_for(&self.limiter, &r.limit);
+                return Err(Rejection::RateLimited(r, rate));
+            }
         }
         Err(match last_failure {
             Some(Failure::Timeout) => Rejection::UpstreamTimeout,
@@ -238,37 +328,66 @@ impl Gateway {
         })
     }
 
-    /// Streams the upstream's answer to the client as it arrives, chunk by chunk.
+    /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
+    /// `usage` on the way to settle the reservation.
     async fn relay(
         &self,
         session: &mut ServerSession,
         upstream: &Upstream,
-        mut exchange: crate::upstream::Exchange,
+        mut exchange: Exchange,
+        mut admitted: Admitted,
+        injected_usage: bool,
+        rate: RateHeaders,
     ) {
         let Some(up) = exchange.session.response_header() else {
             return;
         };
-        let mut resp = match ResponseHeader::build(up.status, Some(up.headers.len() + 1)) {
+        let ok = up.status.is_success();
+        let sse = up
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let mut resp = match ResponseHeader::build(up.status, Some(up.headers.len() + 6)) {
             Ok(r) => r,
             Err(_) => return,
         };
         for (name, value) in &up.headers {
-            if !HOP_BY_HOP.contains(name) {
+            // A stripped usage chunk changes the length: let the server re-frame it.
+            let reframed = injected_usage && *name == header::CONTENT_LENGTH;
+            if !HOP_BY_HOP.contains(name) && !reframed {
                 let _ = resp.append_header(name.clone(), value.clone());
             }
         }
         if self.config.server.deployment_header {
             let _ = resp.insert_header("x-sluice-deployment", upstream.deployment.id.as_str());
         }
+        rate.apply(&mut resp);
         if session.write_response_header(Box::new(resp)).await.is_err() {
-            return;
+            return; // unsent: dropping `admitted` releases it
         }
+        admitted.mark_sent();
+        let mut sse_relay = sse.then(|| SseRelay::new(injected_usage));
+        let mut json_copy = (!sse && ok).then(BytesMut::new);
         loop {
             match exchange.session.read_response_body().await {
                 Ok(Some(chunk)) => {
-                    if session.write_response_body(chunk, false).await.is_err() {
+                    let out = match sse_relay.as_mut() {
+                        Some(r) => r.feed(chunk),
+                        None => {
+                            if let Some(copy) = json_copy.as_mut() {
+                                if copy.len() + chunk.len() <= USAGE_SCAN_LIMIT {
+                                    copy.extend_from_slice(&chunk);
+                                } else {
+                                    json_copy = None; // too large: settle by estimate
+                                }
+                            }
+                            chunk
+                        }
+                    };
+                    if !out.is_empty() && session.write_response_body(out, false).await.is_err() {
                         // The client went away: stop reading the upstream (dropping the
                         // session closes that connection, which cancels the generation).
+                        // The estimate stays charged.
                         session.set_keepalive(None);
                         return;
                     }
@@ -285,7 +404,20 @@ impl Gateway {
                 }
             }
         }
-        let _ = session.write_response_body(Bytes::new(), true).await;
+        let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
+        let _ = session.write_response_body(tail, true).await;
+        let usage = match (&sse_relay, &json_copy) {
+            (Some(r), _) => r.usage(),
+            (None, Some(copy)) => sluice_openai::usage_of_json(copy),
+            (None, None) => None,
+        };
+        match usage {
+            Some(u) => admitted.settle(u.tokens()),
+            // An upstream error without usage consumed no tokens; a success without usage
+            // keeps its estimate (dropping a sent reservation charges it).
+            None if !ok => admitted.settle(0),
+            None => drop(admitted),
+        }
         upstream.release(&self.connector, exchange).await;
     }
 }
@@ -364,9 +496,19 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
 }
 
 async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
-    let Ok(mut resp) = ResponseHeader::build(status, Some(2)) else {
+    write_json_with(session, status, body, |_| {}).await;
+}
+
+async fn write_json_with(
+    session: &mut ServerSession,
+    status: u16,
+    body: &[u8],
+    extra: impl FnOnce(&mut ResponseHeader),
+) {
+    let Ok(mut resp) = ResponseHeader::build(status, Some(8)) else {
         return;
     };
+    extra(&mut resp);
     let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
     if session.write_response_header(Box::new(resp)).await.is_ok() {
@@ -378,5 +520,12 @@ async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
 
 async fn respond_error(session: &mut ServerSession, rejection: &Rejection) {
     let body = rejection.body().to_json();
-    write_json(session, rejection.status(), &body).await;
+    write_json_with(session, rejection.status(), &body, |resp| {
+        if let Rejection::RateLimited(r, rate) = rejection {
+            let secs = r.retry_after.as_millis().div_ceil(1000).max(1);
+            let _ = resp.insert_header(header::RETRY_AFTER, secs.to_string());
+            rate.apply(resp);
+        }
+    })
+    .await;
 }

@@ -16,15 +16,18 @@
 //! (`sluice`) and the end-to-end tests both start Sluice through it.
 
 mod gateway;
+mod limits;
 mod reject;
 mod upstream;
 
 use std::sync::Arc;
 
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::Server;
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use sluice_config::Config;
+use sluice_ratelimit::{Ledger, Limiter, MemoryLedger, RedisLedger, Settings, Window};
 
 pub use gateway::Gateway;
 pub use reject::Rejection;
@@ -71,11 +74,60 @@ pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let gateway = Arc::new(Gateway::new(config));
+    let limiter = limiter_for(&config, listen.threads);
+    let gateway = Arc::new(Gateway::new(config, limiter.clone()));
     let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
     service.add_tcp(&listen.addr);
     server.add_service(service);
+    server.add_service(background_service("sluice-limits", LimiterTask(limiter)));
     (server, gateway)
+}
+
+/// The limiter for `config`: on Redis when configured, else on the in-process ledger.
+pub fn limiter_for(config: &Config, threads: usize) -> Arc<Limiter> {
+    let l = &config.limits;
+    let window = Window {
+        period: l.period,
+        slots: l.slots,
+    };
+    let slot = l.period / l.slots.max(1);
+    let settings = Settings {
+        window,
+        lease_ttl: l.lease_ttl,
+        horizon: l.horizon,
+        max_lease_fraction: l.max_lease_fraction,
+        shards: threads.max(1),
+        on_redis_error: match l.on_redis_error {
+            sluice_config::OnRedisError::Local => sluice_ratelimit::OnRedisError::Local,
+            sluice_config::OnRedisError::Open => sluice_ratelimit::OnRedisError::Open,
+            sluice_config::OnRedisError::Closed => sluice_ratelimit::OnRedisError::Closed,
+        },
+        heartbeat: std::time::Duration::from_secs(1).min(l.period / 4),
+        replica_id: format!(
+            "sluice-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ),
+        tick: std::time::Duration::from_millis(50)
+            .min(slot / 2)
+            .max(std::time::Duration::from_millis(5)),
+    };
+    let ledger: Arc<dyn Ledger> = match &config.redis {
+        Some(r) => Arc::new(RedisLedger::new(r.url.expose(), window, l.redis_timeout)),
+        None => Arc::new(MemoryLedger::new(window)),
+    };
+    Limiter::new(settings, ledger)
+}
+
+/// Runs the limiter's maintenance (demand sampling, lease expiry, prefetch, heartbeats) until
+/// shutdown, then refunds every lease.
+struct LimiterTask(Arc<Limiter>);
+
+#[async_trait::async_trait]
+impl BackgroundService for LimiterTask {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run(shutdown).await;
+    }
 }
 
 /// Lets the server own a handle to a gateway the caller also holds.

@@ -28,6 +28,10 @@ pub enum Rejection {
     UpstreamTimeout,
     /// Sluice is shutting down.
     Draining,
+    /// The limits have not reached their ledger yet (readiness only).
+    NotReady,
+    /// No candidate had budget: the earliest limit to refill, and the headers to send.
+    RateLimited(sluice_ratelimit::Rejected, crate::limits::RateHeaders),
 }
 
 impl Rejection {
@@ -41,7 +45,8 @@ impl Rejection {
             Self::TooLarge(_) => 413,
             Self::BadRequest(_) => 400,
             Self::UpstreamUnreachable => 502,
-            Self::Draining => 503,
+            Self::Draining | Self::NotReady => 503,
+            Self::RateLimited(..) => 429,
             Self::UpstreamTimeout => 504,
         }
     }
@@ -60,6 +65,8 @@ impl Rejection {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Draining => "draining",
+            Self::NotReady => "not_ready",
+            Self::RateLimited(..) => "rate_limited",
         }
     }
 
@@ -125,6 +132,20 @@ impl Rejection {
                 T::Api,
                 Some("shutting_down"),
                 "The gateway is shutting down",
+            ),
+            Self::NotReady => ErrorBody::new(
+                T::Api,
+                Some("not_ready"),
+                "The gateway has not reached its rate-limit store yet",
+            ),
+            Self::RateLimited(r, _) => ErrorBody::new(
+                T::RateLimit,
+                Some("rate_limit_exceeded"),
+                format!(
+                    "Rate limit reached for {}. Please try again in {:.1}s.",
+                    r.limit,
+                    r.retry_after.as_secs_f64()
+                ),
             ),
         }
     }

@@ -72,6 +72,25 @@ impl RedisServer {
         Ok(server)
     }
 
+    /// Kills the server (as a crash would), keeping its port for [`Self::restart`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh, empty server on the same port.
+    ///
+    /// # Errors
+    /// When it does not come up.
+    pub fn restart(&mut self, extra: &[&str]) -> io::Result<()> {
+        self.kill();
+        let fresh = Self::spawn(self.port, extra)?;
+        // Take over the new child; the old handle (already reaped) is dropped with `fresh`.
+        let old = std::mem::replace(self, fresh);
+        std::mem::forget(old);
+        Ok(())
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port

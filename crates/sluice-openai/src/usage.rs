@@ -1,0 +1,179 @@
+//! Reading `usage` out of responses, JSON or SSE, as they pass through.
+
+use bytes::{Bytes, BytesMut};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+/// OpenAI's `usage` object (the fields Sluice settles with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    /// Completion tokens (0 for embeddings).
+    #[serde(default)]
+    pub completion_tokens: u64,
+    /// Total, when the provider sends it.
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Tokens to charge: `total_tokens`, else prompt + completion.
+    pub fn tokens(&self) -> u64 {
+        if self.total_tokens > 0 {
+            self.total_tokens
+        } else {
+            self.prompt_tokens + self.completion_tokens
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<Usage>,
+    choices: Option<Vec<IgnoredAny>>,
+}
+
+/// The `usage` of a whole JSON response body, if it has one.
+pub fn usage_of_json(body: &[u8]) -> Option<Usage> {
+    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+}
+
+/// Relays an SSE body event by event, noting the `usage` it carries.
+///
+/// With `strip_usage_chunk`, the usage-only chunk (`choices: []`, `usage: {…}`) is held back:
+/// Sluice asked for it on the client's behalf and the client did not. Otherwise bytes go out
+/// exactly as they came in, chunk for chunk.
+#[derive(Debug)]
+pub struct SseRelay {
+    strip_usage_chunk: bool,
+    pending: BytesMut,
+    usage: Option<Usage>,
+}
+
+impl SseRelay {
+    /// A relay; see the type docs for `strip_usage_chunk`.
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        Self {
+            strip_usage_chunk,
+            pending: BytesMut::new(),
+            usage: None,
+        }
+    }
+
+    /// The usage seen so far (the last one wins).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Takes one chunk from upstream and returns what to send downstream now.
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if !self.strip_usage_chunk {
+            // Scan complete lines for usage; forward the chunk untouched.
+            self.pending.extend_from_slice(&chunk);
+            while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line = self.pending.split_to(end + 1);
+                self.scan_line(&line);
+            }
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let mut out = BytesMut::new();
+        while let Some((end, sep)) = event_end(&self.pending) {
+            let event = self.pending.split_to(end + sep);
+            let mut usage_only = false;
+            for line in event[..].split(|b| *b == b'\n') {
+                usage_only |= self.scan_line(line) == Some(true);
+            }
+            if !usage_only {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// What is left at the end of the stream (an unterminated last event), to forward as is.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split().freeze();
+        if !self.strip_usage_chunk {
+            self.scan_line(&rest);
+        }
+        rest
+    }
+
+    /// Notes usage on a `data:` line. `Some(true)` when the line is a usage-only chunk.
+    fn scan_line(&mut self, line: &[u8]) -> Option<bool> {
+        let data = line.strip_prefix(b"data:")?;
+        if memchr_usage(data).is_none() {
+            return Some(false);
+        }
+        let parsed: WithUsage = serde_json::from_slice(data.trim_ascii()).ok()?;
+        let usage = parsed.usage?;
+        self.usage = Some(usage);
+        Some(parsed.choices.is_none_or(|c| c.is_empty()))
+    }
+}
+
+fn memchr_usage(data: &[u8]) -> Option<usize> {
+    data.windows(7).position(|w| w == b"\"usage\"")
+}
+
+/// The end of the first complete event in `buf`: (index of the blank line, its length).
+fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8}}\n\n",
+        "data: [DONE]\n\n"
+    );
+
+    fn relay_in_pieces(strip: bool, piece: usize) -> (String, Option<Usage>) {
+        let mut r = SseRelay::new(strip);
+        let mut out = Vec::new();
+        for c in STREAM.as_bytes().chunks(piece) {
+            out.extend_from_slice(&r.feed(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&r.finish());
+        (String::from_utf8(out).unwrap(), r.usage())
+    }
+
+    #[test]
+    fn usage_is_read_across_any_chunking() {
+        for piece in [1, 3, 17, 64, 4096] {
+            let (out, usage) = relay_in_pieces(false, piece);
+            assert_eq!(out, STREAM, "untouched when not stripping");
+            assert_eq!(usage.unwrap().tokens(), 8);
+            let (out, usage) = relay_in_pieces(true, piece);
+            assert!(
+                !out.contains("prompt_tokens"),
+                "usage chunk held back: {out}"
+            );
+            assert!(out.ends_with("data: [DONE]\n\n") && out.contains("\"hi\""));
+            assert_eq!(usage.unwrap().completion_tokens, 3);
+        }
+    }
+
+    #[test]
+    fn json_usage() {
+        let u = usage_of_json(br#"{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":4}}"#);
+        assert_eq!(u.unwrap().tokens(), 6);
+        assert!(usage_of_json(br#"{"id":"x"}"#).is_none());
+        assert!(usage_of_json(b"not json").is_none());
+    }
+}

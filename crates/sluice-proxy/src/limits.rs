@@ -1,0 +1,150 @@
+//! Which limits each request touches, registered once at start-up, and OpenAI's
+//! `x-ratelimit-*` headers.
+
+use std::collections::HashMap;
+
+use pingora_http::ResponseHeader;
+use sluice_config::Config;
+use sluice_ratelimit::{Kind, LimitHandle, LimitSpec, Limiter};
+
+/// Every scope's limits, looked up by index or deployment id on the request path.
+pub struct Scopes {
+    deployments: HashMap<String, Vec<LimitHandle>>,
+    /// Per key (index as in `config.keys`), per group: the key's own limits plus its
+    /// per-model limits for that group.
+    keys: Vec<HashMap<String, Vec<LimitHandle>>>,
+    by_id: HashMap<String, LimitHandle>,
+}
+
+impl Scopes {
+    /// Registers the limits of every deployment and key in `config`.
+    pub fn register(config: &Config, limiter: &Limiter) -> Self {
+        let mut by_id = HashMap::new();
+        let mut reg = |id: String, limit: Option<u64>, kind: Kind| {
+            limit.map(|limit| {
+                let h = limiter.register(LimitSpec {
+                    id: id.clone(),
+                    limit,
+                    kind,
+                });
+                by_id.insert(id, h.clone());
+                h
+            })
+        };
+        let mut deployments = HashMap::new();
+        for d in config.groups.iter().flat_map(|g| g.deployments.iter()) {
+            let handles: Vec<LimitHandle> = [
+                reg(format!("deployment:{}:tpm", d.id), d.tpm, Kind::Tokens),
+                reg(format!("deployment:{}:rpm", d.id), d.rpm, Kind::Requests),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            deployments.insert(d.id.clone(), handles);
+        }
+        let mut keys = Vec::new();
+        for k in &config.keys {
+            let a = &k.alias;
+            let own: Vec<LimitHandle> = [
+                reg(format!("key:{a}:tpm"), k.tpm_limit, Kind::Tokens),
+                reg(format!("key:{a}:rpm"), k.rpm_limit, Kind::Requests),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let mut per_group = HashMap::new();
+            for g in &config.groups {
+                let mut handles = own.clone();
+                handles.extend(
+                    [
+                        reg(
+                            format!("key:{a}:{}:tpm", g.name),
+                            k.model_tpm_limit.get(&g.name).copied(),
+                            Kind::Tokens,
+                        ),
+                        reg(
+                            format!("key:{a}:{}:rpm", g.name),
+                            k.model_rpm_limit.get(&g.name).copied(),
+                            Kind::Requests,
+                        ),
+                    ]
+                    .into_iter()
+                    .flatten(),
+                );
+                per_group.insert(g.name.clone(), handles);
+            }
+            keys.push(per_group);
+        }
+        Self {
+            deployments,
+            keys,
+            by_id,
+        }
+    }
+
+    /// The limits of deployment `id`.
+    pub fn deployment(&self, id: &str) -> &[LimitHandle] {
+        self.deployments.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// The limits key `index` is under when calling `group`.
+    pub fn key(&self, index: usize, group: &str) -> &[LimitHandle] {
+        self.keys
+            .get(index)
+            .and_then(|g| g.get(group))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The limit named `id`.
+    pub fn handle(&self, id: &str) -> Option<LimitHandle> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Headers describing the limit named `id`.
+    pub fn rate_headers_for(&self, limiter: &Limiter, id: &str) -> RateHeaders {
+        match self.by_id.get(id) {
+            Some(h) => RateHeaders::of(limiter, &[h]),
+            None => RateHeaders::default(),
+        }
+    }
+}
+
+/// OpenAI's `x-ratelimit-{limit,remaining}-{requests,tokens}` for the tightest limit of each
+/// kind a request touched. Remaining is this replica's view: the ledger's last answer plus
+/// what it holds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateHeaders {
+    tokens: Option<(u64, u64)>,
+    requests: Option<(u64, u64)>,
+}
+
+impl RateHeaders {
+    /// The tightest token and request limits among `handles`.
+    pub fn of(limiter: &Limiter, handles: &[&LimitHandle]) -> Self {
+        let mut out = Self::default();
+        for h in handles {
+            let pair = (h.spec().limit, limiter.remaining(h));
+            let slot = match h.spec().kind {
+                Kind::Tokens => &mut out.tokens,
+                Kind::Requests => &mut out.requests,
+            };
+            if slot.is_none_or(|(_, rem)| pair.1 < rem) {
+                *slot = Some(pair);
+            }
+        }
+        out
+    }
+
+    /// Adds the headers to `resp`.
+    pub fn apply(&self, resp: &mut ResponseHeader) {
+        for (kind, pair) in [("tokens", self.tokens), ("requests", self.requests)] {
+            if let Some((limit, remaining)) = pair {
+                let _ = resp.insert_header(format!("x-ratelimit-limit-{kind}"), limit.to_string());
+                let _ = resp.insert_header(
+                    format!("x-ratelimit-remaining-{kind}"),
+                    remaining.to_string(),
+                );
+            }
+        }
+    }
+}
