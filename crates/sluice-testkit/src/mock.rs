@@ -75,6 +75,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     /// The whole body.
     pub body: Bytes,
+    /// When it arrived (tokio's clock).
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -310,6 +312,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         query: parts.uri.query().map(str::to_owned),
         headers: parts.headers.clone(),
         body: body.clone(),
+        at: Instant::now(),
     });
     let config = lock(&state.config).clone();
     if !config.latency.is_zero() {

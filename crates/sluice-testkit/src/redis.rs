@@ -42,34 +42,8 @@ impl RedisServer {
     }
 
     fn spawn(port: u16, extra: &[&str]) -> io::Result<Self> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--logfile", ""])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot run redis-server: {e}")))?;
-        // Readiness is redis's own log line, not a guess of how long start-up takes.
-        let ready = child.stdout.take().map(|out| {
-            let mut lines = BufReader::new(out).lines();
-            let ready = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .any(|line| line.contains("Ready to accept connections"));
-            // Keep draining so redis never writes its log into a closed pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            ready
-        });
-        let mut server = Self { child, port };
-        if ready != Some(true) || server.ping().is_err() {
-            // Drop kills the child.
-            return Err(io::Error::other(format!(
-                "redis-server on port {port} did not start"
-            )));
-        }
-        Ok(server)
+        let child = spawn_ready(port, extra)?;
+        Ok(Self { child, port })
     }
 
     /// Kills the server (as a crash would), keeping its port for [`Self::restart`].
@@ -84,10 +58,7 @@ impl RedisServer {
     /// When it does not come up.
     pub fn restart(&mut self, extra: &[&str]) -> io::Result<()> {
         self.kill();
-        let fresh = Self::spawn(self.port, extra)?;
-        // Take over the new child; the old handle (already reaped) is dropped with `fresh`.
-        let old = std::mem::replace(self, fresh);
-        std::mem::forget(old);
+        self.child = spawn_ready(self.port, extra)?;
         Ok(())
     }
 
@@ -106,16 +77,53 @@ impl RedisServer {
     /// # Errors
     /// When the server does not answer `+PONG`.
     pub fn ping(&mut self) -> io::Result<()> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"PING\r\n")?;
-        let mut buf = [0u8; 7];
-        s.read_exact(&mut buf)?;
-        if &buf == b"+PONG\r\n" {
-            Ok(())
-        } else {
-            Err(io::Error::other("unexpected PING answer"))
-        }
+        ping(self.port)
+    }
+}
+
+/// Runs `redis-server` on `port` and returns once it answers `PING`.
+fn spawn_ready(port: u16, extra: &[&str]) -> io::Result<Child> {
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--logfile", ""])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run redis-server: {e}")))?;
+    // Readiness is redis's own log line, not a guess of how long start-up takes.
+    let ready = child.stdout.take().map(|out| {
+        let mut lines = BufReader::new(out).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.contains("Ready to accept connections"));
+        // Keep draining so redis never writes its log into a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        ready
+    });
+    if ready == Some(true) && ping(port).is_ok() {
+        Ok(child)
+    } else {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(io::Error::other(format!(
+            "redis-server on port {port} did not start"
+        )))
+    }
+}
+
+fn ping(port: u16) -> io::Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"PING\r\n")?;
+    let mut buf = [0u8; 7];
+    s.read_exact(&mut buf)?;
+    if &buf == b"+PONG\r\n" {
+        Ok(())
+    } else {
+        Err(io::Error::other("unexpected PING answer"))
     }
 }
 

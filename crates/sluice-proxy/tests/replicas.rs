@@ -1,0 +1,289 @@
+//! Limits across replicas: N real `sluice` processes sharing one real `redis-server`, in front
+//! of one mock upstream. Periods are shrunk to seconds to keep CI fast; the guarantees are the
+//! same per period (DESIGN.md §3, G1–G4).
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use sluice_testkit::{free_port, MockConfig, MockUpstream, RedisServer};
+use tokio::time::Instant;
+
+/// Seconds per window in these tests.
+const PERIOD: Duration = Duration::from_secs(3);
+/// The request every test sends: 8 prompt tokens + `max_tokens` 7, and the mock answers with
+/// 7 completion tokens, so reservation = usage = 15.
+const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":7}"#;
+const COST: u64 = 15;
+
+struct Replica {
+    child: Child,
+    port: u16,
+}
+
+impl Replica {
+    fn spawn(config: &str, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sluice-replicas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port().unwrap();
+        let path: PathBuf = dir.join(format!("{tag}-{port}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{tag}-{port}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "--config",
+                path.to_str().unwrap(),
+                "--port",
+                &port.to_string(),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn readiness(&self) -> Option<serde_json::Value> {
+        let resp = client()
+            .get(self.url("/health/readiness"))
+            .send()
+            .await
+            .ok()?;
+        if resp.status() != 200 {
+            return None;
+        }
+        serde_json::from_slice(&resp.bytes().await.ok()?).ok()
+    }
+
+    /// Waits (bounded) until readiness answers 200 and `check` accepts its body.
+    async fn wait_for(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.readiness().await {
+                if check(&v) {
+                    return start.elapsed();
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "replica never became {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn config(upstream: &str, redis: &str, limits: &str, keys: &str) -> String {
+    format!(
+        "model_list:\n  - model_name: m\n    litellm_params: {{model: openai/x, api_base: '{upstream}'{limits}}}\n\
+         router_settings: {{redis_url: '{redis}'}}\n\
+         limits: {{period: {}, slots: 30, lease_ttl: 1}}\n\
+         server: {{threads: 1}}\n{keys}",
+        PERIOD.as_secs_f64()
+    )
+}
+
+async fn cluster(n: usize, config: &str) -> Vec<Replica> {
+    let replicas: Vec<Replica> = (0..n)
+        .map(|i| Replica::spawn(config, &format!("r{i}")))
+        .collect();
+    for r in &replicas {
+        // Ready = the limiter reached Redis and knows every replica.
+        r.wait_for("ready", |v| v["replicas"].as_u64() == Some(n as u64))
+            .await;
+    }
+    replicas
+}
+
+/// Sends `rate` requests per second for `duration`, each to the replica `pick(i)` chooses,
+/// and returns every status.
+async fn drive(
+    replicas: &[Replica],
+    rate: f64,
+    duration: Duration,
+    key: Option<&str>,
+    pick: impl Fn(usize) -> usize,
+) -> Vec<u16> {
+    let client = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let n = (rate * duration.as_secs_f64()) as usize;
+    for i in 0..n {
+        tick.tick().await;
+        let mut req = client
+            .post(replicas[pick(i) % replicas.len()].url("/v1/chat/completions"))
+            .body(BODY);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        tasks.spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) });
+    }
+    tasks.join_all().await
+}
+
+/// The most requests the upstream received in any interval of length `PERIOD`.
+fn max_in_any_period(at: &[Instant]) -> usize {
+    let mut at = at.to_vec();
+    at.sort();
+    (0..at.len())
+        .map(|i| {
+            at[i..]
+                .iter()
+                .take_while(|t| t.duration_since(at[i]) < PERIOD)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// B = replicas × max(⌈limit × 5%⌉, largest request): the bound Sluice exports.
+fn bound(replicas: u64, limit: u64, cost: u64) -> u64 {
+    replicas * ((limit as f64 * 0.05).ceil() as u64).max(cost)
+}
+
+async fn g1(name: &str, limits: &str, keys: &str, key: Option<&str>, limit: u64, cost: u64) {
+    let redis = RedisServer::start().unwrap();
+    let up = MockUpstream::start(MockConfig {
+        completion_tokens: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let cfg = config(&up.base_url(), &redis.url(), limits, keys);
+    let replicas = cluster(5, &cfg).await;
+    // Three times the limit, round robin, for three periods.
+    let per_period = 3.0 * limit as f64 / cost as f64;
+    let statuses = drive(
+        &replicas,
+        per_period / PERIOD.as_secs_f64(),
+        PERIOD * 3,
+        key,
+        |i| i,
+    )
+    .await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(
+        served + limited,
+        statuses.len(),
+        "only 200s and 429s: {statuses:?}"
+    );
+    let times: Vec<Instant> = up.requests().iter().map(|r| r.at).collect();
+    assert_eq!(times.len(), served);
+    let worst = max_in_any_period(&times) as u64 * cost;
+    let b = bound(5, limit, cost);
+    eprintln!(
+        "G1 {name}: sent {}, served {served}, 429 {limited}; worst period {worst} of limit {limit} (bound {b})",
+        statuses.len()
+    );
+    assert!(
+        worst <= limit + b,
+        "worst period {worst} > limit {limit} + bound {b}"
+    );
+    assert!(
+        served as u64 * cost <= 3 * (limit + b) + limit,
+        "no more than ~3 periods' worth"
+    );
+    assert!(
+        limited as f64 > statuses.len() as f64 * 0.5,
+        "most of a 3× overload is refused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_deployment_tpm_holds_across_five_replicas() {
+    g1("deployment tpm", ", tpm: 500", "", None, 500, COST).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_deployment_rpm_holds_across_five_replicas() {
+    g1("deployment rpm", ", rpm: 30", "", None, 30, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g1_key_tpm_holds_across_five_replicas() {
+    let keys = "general_settings: {master_key: sk-m}\nkeys:\n  - {key: sk-a, key_alias: a, tpm_limit: 500}\n";
+    g1("key tpm", "", keys, Some("sk-a"), 500, COST).await;
+}
+
+async fn g2(n: usize) {
+    let redis = RedisServer::start().unwrap();
+    let up = MockUpstream::start(MockConfig {
+        completion_tokens: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let limit = 1500; // 100 requests per period
+    let cfg = config(&up.base_url(), &redis.url(), &format!(", tpm: {limit}"), "");
+    let replicas = cluster(n, &cfg).await;
+    let per_period = 3.0 * limit as f64 / COST as f64;
+    let start = Instant::now();
+    // 70% of the traffic to replica 0, the rest spread over the others.
+    let statuses = drive(
+        &replicas,
+        per_period / PERIOD.as_secs_f64(),
+        PERIOD * 4,
+        None,
+        |i| {
+            if i % 10 < 7 {
+                0
+            } else {
+                1 + i % (n - 1)
+            }
+        },
+    )
+    .await;
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    let times: Vec<Instant> = up.requests().iter().map(|r| r.at).collect();
+    // Every full period after the first (which starts cold): ≥ 95% of the limit served.
+    for k in 1..4 {
+        let from = start + PERIOD * k;
+        let to = from + PERIOD;
+        let served = times.iter().filter(|t| **t >= from && **t < to).count() as u64 * COST;
+        eprintln!(
+            "G2 n={n}: period {k}: {served} of {limit} ({:.1}%)",
+            served as f64 * 100.0 / limit as f64
+        );
+        assert!(
+            served * 100 >= limit * 95,
+            "period {k}: only {served} of {limit} served"
+        );
+        assert!(
+            served <= limit + bound(n as u64, limit, COST),
+            "period {k}: {served} over the bound"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g2_skewed_demand_uses_the_budget_with_five_replicas() {
+    g2(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g2_skewed_demand_uses_the_budget_with_twenty_replicas() {
+    g2(20).await;
+}
