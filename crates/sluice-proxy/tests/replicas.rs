@@ -123,16 +123,28 @@ async fn drive(
     key: Option<&str>,
     pick: impl Fn(usize) -> usize,
 ) -> Vec<u16> {
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| r.url("/v1/chat/completions"))
+        .collect();
+    drive_urls(urls, rate, duration, key.map(str::to_owned), pick).await
+}
+
+async fn drive_urls(
+    urls: Vec<String>,
+    rate: f64,
+    duration: Duration,
+    key: Option<String>,
+    pick: impl Fn(usize) -> usize,
+) -> Vec<u16> {
     let client = client();
     let mut tasks = tokio::task::JoinSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let n = (rate * duration.as_secs_f64()) as usize;
     for i in 0..n {
         tick.tick().await;
-        let mut req = client
-            .post(replicas[pick(i) % replicas.len()].url("/v1/chat/completions"))
-            .body(BODY);
-        if let Some(k) = key {
+        let mut req = client.post(&urls[pick(i) % urls.len()]).body(BODY);
+        if let Some(k) = &key {
             req = req.bearer_auth(k);
         }
         tasks.spawn(async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) });
@@ -286,4 +298,194 @@ async fn g2_skewed_demand_uses_the_budget_with_five_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g2_skewed_demand_uses_the_budget_with_twenty_replicas() {
     g2(20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g4_redis_outage_switches_to_local_limits_and_recovers() {
+    let mut redis = RedisServer::start().unwrap();
+    let up = MockUpstream::start(MockConfig {
+        completion_tokens: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let limit = 600; // 40 requests per period
+    let cfg = config(&up.base_url(), &redis.url(), &format!(", tpm: {limit}"), "");
+    let replicas = cluster(3, &cfg).await;
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| r.url("/v1/chat/completions"))
+        .collect();
+    let per_period = 3.0 * limit as f64 / COST as f64;
+    let load = tokio::spawn(drive_urls(
+        urls,
+        per_period / PERIOD.as_secs_f64(),
+        PERIOD * 5,
+        None,
+        |i| i,
+    ));
+    tokio::time::sleep(PERIOD).await; // let the load run on Redis for a period first
+    redis.kill();
+    let killed = Instant::now();
+    for r in &replicas {
+        r.wait_for("local", |v| v["limits"] == "local").await;
+    }
+    eprintln!(
+        "G4: all replicas in local mode {:?} after Redis died",
+        killed.elapsed()
+    );
+    // A full period inside the outage: each replica enforces limit ÷ 3 on its own.
+    let outage_from = Instant::now();
+    tokio::time::sleep(PERIOD).await;
+    let outage_to = Instant::now();
+    redis.restart(&[]).unwrap();
+    let back = Instant::now();
+    for r in &replicas {
+        r.wait_for("global", |v| v["limits"] == "global").await;
+    }
+    let recovered = back.elapsed();
+    eprintln!("G4: claims back on Redis {recovered:?} after it restarted");
+    assert!(
+        recovered <= Duration::from_secs(2),
+        "recovery took {recovered:?}"
+    );
+    let statuses = load.await.unwrap();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "no 5xx and no dropped connection through the outage: {statuses:?}"
+    );
+    let in_outage = up
+        .requests()
+        .iter()
+        .filter(|r| r.at >= outage_from && r.at < outage_to)
+        .count() as u64
+        * COST;
+    eprintln!(
+        "G4: sent {}, served {served}; during a full outage period {in_outage} of {limit}",
+        statuses.len()
+    );
+    // Local mode: each of 3 replicas admits at most ⌈600 ÷ 3⌉ per window.
+    assert!(
+        in_outage <= limit + bound(3, limit, COST),
+        "{in_outage} served during the outage"
+    );
+    assert!(in_outage > 0, "local mode still serves");
+}
+
+/// Three masters, slots spread by `redis-cli --cluster create`.
+struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    fn start() -> Self {
+        let base = std::env::temp_dir().join(format!("sluice-cluster-{}", std::process::id()));
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|i| {
+                let dir = base.join(format!("n{i}"));
+                std::fs::create_dir_all(&dir).unwrap();
+                let _ = std::fs::remove_file(dir.join("nodes.conf"));
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    dir.to_str().unwrap(),
+                ])
+                .unwrap()
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Self { nodes }
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    fn cli(&self, node: usize, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.nodes[node].port().to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn wait_ok(&self) {
+        let start = Instant::now();
+        while !(0..3).all(|i| {
+            self.cli(i, &["cluster", "info"])
+                .contains("cluster_state:ok")
+        }) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "cluster never became ok"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_on_a_three_master_redis_cluster() {
+    let cluster_redis = RedisCluster::start();
+    cluster_redis.wait_ok().await;
+    let up = MockUpstream::start(MockConfig {
+        completion_tokens: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let limit = 20;
+    let cfg = config(
+        &up.base_url(),
+        &cluster_redis.url(),
+        &format!(", rpm: {limit}"),
+        "",
+    );
+    let replicas = cluster(2, &cfg).await;
+    let statuses = drive(&replicas, 40.0, Duration::from_secs(1), None, |i| i).await;
+    let served = statuses.iter().filter(|s| **s == 200).count() as u64;
+    eprintln!(
+        "cluster: sent {}, served {served} of rpm {limit}",
+        statuses.len()
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(served <= limit + bound(2, limit, 1), "{served} served");
+    assert!(
+        served >= limit - bound(2, limit, 1),
+        "budget stranded: {served} served"
+    );
+    // The ledger and the heartbeat set live on the cluster, each key on its own slot.
+    let keys: String = (0..3)
+        .map(|i| cluster_redis.cli(i, &["--scan", "--pattern", "sluice:*"]))
+        .collect();
+    assert!(keys.contains("sluice:{deployment:m.0:rpm}:w"), "{keys}");
+    assert!(keys.contains("sluice:{replicas}"), "{keys}");
 }

@@ -206,7 +206,7 @@ struct Health {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// Local leases in front of a ledger; see the crate docs.
 pub struct Limiter {
@@ -535,7 +535,10 @@ impl Limiter {
                 break;
             }
             let now = Instant::now();
-            if now >= next_heartbeat {
+            // While the ledger is down, probe as soon as the backoff allows, so claims return
+            // to it within a backoff of its recovery rather than a heartbeat later.
+            let probing = self.mode() != Mode::Global && self.ledger_usable();
+            if now >= next_heartbeat || probing {
                 next_heartbeat = now + self.settings.heartbeat;
                 self.heartbeat().await;
             }
