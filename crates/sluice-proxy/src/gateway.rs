@@ -251,7 +251,11 @@ impl Gateway {
                     (*h, cost)
                 })
                 .collect();
-            let admitted = match self.limiter.admit(&costs).await {
+            let admitted = match self.limiter.try_admit(&costs) {
+                Some(a) => Ok(a),
+                None => self.limiter.admit(&costs).await,
+            };
+            let admitted = match admitted {
                 Ok(a) => a,
                 Err(r) => {
                     log::debug!(
@@ -335,7 +339,7 @@ impl Gateway {
         session: &mut ServerSession,
         upstream: &Upstream,
         mut exchange: Exchange,
-        mut admitted: Admitted,
+        mut admitted: Admitted<'_>,
         injected_usage: bool,
         rate: RateHeaders,
     ) {

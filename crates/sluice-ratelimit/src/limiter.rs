@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::ledger::{Grant, Ledger, MemoryLedger, Window};
@@ -150,8 +151,8 @@ struct LimitState {
     leases: Mutex<VecDeque<Lease>>,
     claim_lock: tokio::sync::Mutex<()>,
     prefetching: AtomicBool,
-    admitted: AtomicU64,
-    requests: AtomicU64,
+    /// Requests waiting on an on-demand claim: a cold burst is served by one claim.
+    waiting: AtomicU64,
     /// Admitted cost per second (EWMA), f64 bits.
     rate: AtomicU64,
     /// Average cost of one admission (EWMA), f64 bits.
@@ -161,8 +162,6 @@ struct LimitState {
     remaining: AtomicU64,
     /// Largest single admission cost seen (for the bound).
     max_cost: AtomicU64,
-    /// Usage settled so far (actual tokens or requests), for metrics and tests.
-    consumed: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -263,8 +262,7 @@ impl Limiter {
             leases: Mutex::new(VecDeque::new()),
             claim_lock: tokio::sync::Mutex::new(()),
             prefetching: AtomicBool::new(false),
-            admitted: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
             rate: AtomicU64::new(0f64.to_bits()),
             avg_cost: AtomicU64::new(0f64.to_bits()),
             sample: Mutex::new(Sample {
@@ -274,7 +272,6 @@ impl Limiter {
             }),
             remaining: AtomicU64::new(spec.limit),
             max_cost: AtomicU64::new(0),
-            consumed: AtomicU64::new(0),
             spec: spec.clone(),
         });
         self.limits.insert(spec.id, state.clone());
@@ -316,7 +313,7 @@ impl Limiter {
 
     /// Usage settled against `limit` so far on this replica.
     pub fn consumed(&self, limit: &LimitHandle) -> u64 {
-        limit.0.consumed.load(Ordering::Relaxed)
+        limit.0.local.counts().consumed
     }
 
     fn max_lease(&self, st: &LimitState) -> u64 {
@@ -331,26 +328,13 @@ impl Limiter {
     ///
     /// # Errors
     /// [`Rejected`] naming the first limit that has no budget, with when it will.
-    pub async fn admit(
+    pub async fn admit<'a>(
         self: &Arc<Self>,
-        costs: &[(&LimitHandle, u64)],
-    ) -> Result<Admitted, Rejected> {
+        costs: &[(&'a LimitHandle, u64)],
+    ) -> Result<Admitted<'a>, Rejected> {
         for round in 0..3 {
-            match self.try_take_all(costs) {
-                Ok(()) => {
-                    for (h, cost) in costs {
-                        let st = &h.0;
-                        st.admitted.fetch_add(*cost, Ordering::Relaxed);
-                        st.requests.fetch_add(1, Ordering::Relaxed);
-                        st.max_cost.fetch_max(*cost, Ordering::Relaxed);
-                        self.maybe_prefetch(st);
-                    }
-                    return Ok(Admitted {
-                        parts: costs.iter().map(|(h, c)| (h.0.clone(), *c)).collect(),
-                        sent: false,
-                        settled: false,
-                    });
-                }
+            match self.take(costs) {
+                Ok(admitted) => return Ok(admitted),
                 Err(i) => {
                     let (h, cost) = costs[i];
                     if let Err(retry_after) = self.claim_for(&h.0, cost).await {
@@ -370,6 +354,30 @@ impl Limiter {
                 .map(|(h, _)| h.0.spec.id.clone())
                 .unwrap_or_default(),
             retry_after: self.settings.window.period / self.settings.window.slots.max(1),
+        })
+    }
+
+    /// The hot path: reserves every cost from local budget, or nothing. Only atomics on this
+    /// replica's shards; `None` means some limit needs a claim (use [`Self::admit`]).
+    pub fn try_admit<'a>(&self, costs: &[(&'a LimitHandle, u64)]) -> Option<Admitted<'a>> {
+        self.take(costs).ok()
+    }
+
+    fn take<'a>(&self, costs: &[(&'a LimitHandle, u64)]) -> Result<Admitted<'a>, usize> {
+        self.try_take_all(costs)?;
+        for (h, cost) in costs {
+            let st = &h.0;
+            st.local.record_admission(*cost);
+            if *cost > st.max_cost.load(Ordering::Relaxed) {
+                st.max_cost.fetch_max(*cost, Ordering::Relaxed);
+            }
+        }
+        // Prefetching is the maintenance tick's job: checking the low-water mark here would
+        // read every shard (other cores' cache lines) on every request.
+        Ok(Admitted {
+            parts: costs.iter().map(|(h, c)| (&*h.0, *c)).collect(),
+            sent: false,
+            settled: false,
         })
     }
 
@@ -396,13 +404,18 @@ impl Limiter {
 
     /// Claims at least `need` for `st`; single-flight per limit.
     async fn claim_for(&self, st: &Arc<LimitState>, need: u64) -> Result<(), Duration> {
+        st.waiting.fetch_add(1, Ordering::AcqRel);
         let _guard = st.claim_lock.lock().await;
+        let queued = st.waiting.fetch_sub(1, Ordering::AcqRel).max(1);
         let have = st.local.total();
         if have >= need as i64 {
             return Ok(()); // a concurrent claim filled it
         }
         let missing = (need as i64 - have) as u64;
-        let ask = self.lease_size(st, missing);
+        // Ask for the requests queued behind this one too (within the lease cap), so a burst
+        // before demand is measured costs one round trip, not one per request.
+        let burst = (need * queued).min(self.max_lease(st)).max(missing);
+        let ask = self.lease_size(st, missing).max(burst);
         let (grant, source) = self.ledger_claim(st, ask, missing).await;
         if grant.granted == 0 {
             return Err(grant.retry_after.max(Duration::from_millis(1)));
@@ -568,8 +581,8 @@ impl Limiter {
     }
 
     fn sample(&self, st: &LimitState, now: Instant) {
-        let admitted = st.admitted.load(Ordering::Relaxed);
-        let requests = st.requests.load(Ordering::Relaxed);
+        let counts = st.local.counts();
+        let (admitted, requests) = (counts.admitted, counts.requests);
         let mut s = lock(&st.sample);
         let dt = now.duration_since(s.at).as_secs_f64();
         if dt <= 0.0 {
@@ -652,13 +665,13 @@ impl Limiter {
 /// releases everything when the request was never sent, and keeps the estimate charged when
 /// it was (the upstream may have done the work).
 #[derive(Debug)]
-pub struct Admitted {
-    parts: Vec<(Arc<LimitState>, u64)>,
+pub struct Admitted<'a> {
+    parts: SmallVec<[(&'a LimitState, u64); 4]>,
     sent: bool,
     settled: bool,
 }
 
-impl Admitted {
+impl Admitted<'_> {
     /// Marks the request as sent upstream: from now on, dropping it charges the estimate.
     pub fn mark_sent(&mut self) {
         self.sent = true;
@@ -672,21 +685,20 @@ impl Admitted {
                 Kind::Tokens => tokens,
                 Kind::Requests => *reserved,
             };
-            st.local.put(*reserved as i64 - actual as i64);
-            st.consumed.fetch_add(actual, Ordering::Relaxed);
+            st.local.settle(*reserved, actual);
         }
         self.settled = true;
     }
 }
 
-impl Drop for Admitted {
+impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if self.settled {
             return;
         }
         for (st, reserved) in &self.parts {
             if self.sent {
-                st.consumed.fetch_add(*reserved, Ordering::Relaxed);
+                st.local.settle(*reserved, *reserved);
             } else {
                 st.local.put(*reserved as i64);
             }

@@ -6,7 +6,7 @@
 //! is debt from settlement (a request used more than it reserved), repaid by later deposits.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -27,10 +27,30 @@ fn home() -> usize {
     })
 }
 
+/// One shard: its budget and the counters its thread bumps, on one cache line.
+#[derive(Debug, Default)]
+struct Shard {
+    budget: AtomicI64,
+    admitted: AtomicU64,
+    requests: AtomicU64,
+    consumed: AtomicU64,
+}
+
+/// Counters summed over shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Cost admitted.
+    pub admitted: u64,
+    /// Admissions.
+    pub requests: u64,
+    /// Usage settled.
+    pub consumed: u64,
+}
+
 /// A budget split over shards. All operations are lock-free.
 #[derive(Debug)]
 pub struct Shards {
-    shards: Box<[CachePadded<AtomicI64>]>,
+    shards: Box<[CachePadded<Shard>]>,
 }
 
 impl Shards {
@@ -38,7 +58,7 @@ impl Shards {
     pub fn new(n: usize) -> Self {
         Self {
             shards: (0..n.max(1))
-                .map(|_| CachePadded::new(AtomicI64::new(0)))
+                .map(|_| CachePadded::new(Shard::default()))
                 .collect(),
         }
     }
@@ -55,20 +75,20 @@ impl Shards {
         let n = self.shards.len();
         let start = self.home();
         for i in 0..n {
-            if take_whole(&self.shards[(start + i) % n], cost) {
+            if take_whole(&self.shards[(start + i) % n].budget, cost) {
                 return true;
             }
         }
         // No single shard holds it: gather, and give back on failure.
         let mut got = 0;
         for i in 0..n {
-            got += take_upto(&self.shards[(start + i) % n], cost - got);
+            got += take_upto(&self.shards[(start + i) % n].budget, cost - got);
             if got == cost {
                 return true;
             }
         }
         if got > 0 {
-            self.shards[start].fetch_add(got, Ordering::AcqRel);
+            self.shards[start].budget.fetch_add(got, Ordering::AcqRel);
         }
         false
     }
@@ -80,14 +100,43 @@ impl Shards {
             if got >= max {
                 break;
             }
-            got += take_upto(s, max - got);
+            got += take_upto(&s.budget, max - got);
         }
         got
     }
 
     /// Adds `amount` (negative for debt) to the caller's home shard.
     pub fn put(&self, amount: i64) {
-        self.shards[self.home()].fetch_add(amount, Ordering::AcqRel);
+        self.shards[self.home()]
+            .budget
+            .fetch_add(amount, Ordering::AcqRel);
+    }
+
+    /// Counts one admission of `cost` on the caller's home shard.
+    pub fn record_admission(&self, cost: u64) {
+        let s = &self.shards[self.home()];
+        s.admitted.fetch_add(cost, Ordering::Relaxed);
+        s.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Settles a reservation on the caller's home shard: `reserved − actual` goes back to the
+    /// budget (negative: debt) and `actual` is counted as consumed.
+    pub fn settle(&self, reserved: u64, actual: u64) {
+        let s = &self.shards[self.home()];
+        if reserved != actual {
+            s.budget
+                .fetch_add(reserved as i64 - actual as i64, Ordering::AcqRel);
+        }
+        s.consumed.fetch_add(actual, Ordering::Relaxed);
+    }
+
+    /// The counters summed over shards.
+    pub fn counts(&self) -> Counts {
+        self.shards.iter().fold(Counts::default(), |c, s| Counts {
+            admitted: c.admitted + s.admitted.load(Ordering::Relaxed),
+            requests: c.requests + s.requests.load(Ordering::Relaxed),
+            consumed: c.consumed + s.consumed.load(Ordering::Relaxed),
+        })
     }
 
     /// Spreads a deposit over every shard, so every worker finds some at home.
@@ -97,14 +146,17 @@ impl Shards {
         for (i, s) in self.shards.iter().enumerate() {
             let extra = if (i as i64) < amount % n { 1 } else { 0 };
             if each + extra != 0 {
-                s.fetch_add(each + extra, Ordering::AcqRel);
+                s.budget.fetch_add(each + extra, Ordering::AcqRel);
             }
         }
     }
 
     /// The sum over shards (a snapshot; may be negative while debt is outstanding).
     pub fn total(&self) -> i64 {
-        self.shards.iter().map(|s| s.load(Ordering::Acquire)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.budget.load(Ordering::Acquire))
+            .sum()
     }
 }
 

@@ -233,3 +233,70 @@ impl Ledger for RedisLedger {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{claim_step, refund_step, Slots};
+    use sluice_testkit::RedisServer;
+
+    /// The Lua scripts against the Rust model (`ledger::claim_step`/`refund_step`, which the
+    /// property test covers): a seeded random sequence of claims and refunds on a real Redis,
+    /// compared answer by answer. Redis's clock cannot be driven, so real time passes (short
+    /// pauses between steps) and the model is fed the slot Redis reports, which makes the
+    /// comparison exact while windows slide.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lua_matches_the_model() {
+        let redis = RedisServer::start().unwrap();
+        let window = Window {
+            period: Duration::from_millis(1200),
+            slots: 12,
+        };
+        let ledger = RedisLedger::new(&redis.url(), window, Duration::from_secs(2));
+        let n = u64::from(window.slots);
+        let (limit, mut model, mut current) = (120u64, Slots::new(), 0u64);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut claims, mut refunds, mut zero_grants) = (0, 0, 0);
+        for _ in 0..240 {
+            let r = next();
+            if r % 4 == 0 && current > 0 {
+                // Refund into a slot safely inside the window (≥ 2 slots from its edge), so
+                // the time between this and the last claim cannot change the answer.
+                let slot = current.saturating_sub(r % (n - 2));
+                let amount = 1 + next() % 40;
+                let got = ledger.refund("diff", slot, amount).await.unwrap();
+                let want = refund_step(&mut model, window, current, slot, amount);
+                assert_eq!(got, want, "refund({slot}, {amount}) at {current}");
+                refunds += 1;
+            } else {
+                let ask = 1 + r % 60;
+                let min = next() % (ask + 1);
+                let g = ledger.claim("diff", limit, ask, min).await.unwrap();
+                current = g.slot;
+                let m = claim_step(&mut model, window, current, limit, ask, min);
+                assert_eq!(
+                    (g.granted, g.remaining),
+                    (m.granted, m.remaining),
+                    "claim({ask}, {min})"
+                );
+                if g.granted == 0 {
+                    assert_eq!(g.retry_after, m.retry_after);
+                    zero_grants += 1;
+                }
+                claims += 1;
+            }
+            // Let Redis's clock move: 240 steps × 20 ms cover about four windows.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            claims > 100 && refunds > 30 && zero_grants > 5,
+            "{claims}/{refunds}/{zero_grants}"
+        );
+    }
+}
