@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v cmake >/dev/null || need+=(cmake)            # Pingora's zlib-ng build
 command -v redis-server >/dev/null || need+=(redis-server) # tests start their own
+command -v redis-cli >/dev/null || need+=(redis-tools)     # cluster set-up in tests
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"

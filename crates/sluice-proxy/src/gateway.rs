@@ -20,6 +20,7 @@ use sluice_router::Plan;
 use tokio::time::Instant;
 
 use crate::limits::{RateHeaders, Scopes};
+use crate::metrics::{Metrics, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{Exchange, Failure, Upstream};
 
@@ -75,6 +76,7 @@ pub struct Gateway {
     draining: AtomicBool,
     limiter: Arc<Limiter>,
     scopes: Scopes,
+    metrics: Metrics,
 }
 
 impl Gateway {
@@ -107,6 +109,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             limiter,
             scopes,
+            metrics: Metrics::new(),
         }
     }
 
@@ -165,6 +168,11 @@ impl Gateway {
                 }
             }
             ("GET", "/v1/models" | "/models") => self.models(session).await,
+            ("GET", "/metrics") => {
+                let body = self.metrics.render(&self.limiter, self.scopes.all());
+                write_with_type(session, 200, &body, "text/plain; version=0.0.4").await;
+                Ok(())
+            }
             (_, "/health/liveness" | "/health/readiness" | "/v1/models" | "/models") => {
                 Err(Rejection::MethodNotAllowed)
             }
@@ -264,6 +272,11 @@ impl Gateway {
                         r.limit
                     );
                     let key_scope = r.limit.starts_with("key:");
+                    self.metrics.rejected(if key_scope {
+                        ScopeKind::Key
+                    } else {
+                        ScopeKind::Deployment
+                    });
                     if limited
                         .as_ref()
                         .is_none_or(|l| r.retry_after < l.retry_after)
@@ -500,10 +513,22 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
 }
 
 async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
-    write_json_with(session, status, body, |_| {}).await;
+    write_body_with(session, status, body, |_| {}).await;
 }
 
-async fn write_json_with(
+async fn write_with_type(
+    session: &mut ServerSession,
+    status: u16,
+    body: &[u8],
+    content_type: &str,
+) {
+    write_body_with(session, status, body, |resp| {
+        let _ = resp.insert_header(header::CONTENT_TYPE, content_type);
+    })
+    .await;
+}
+
+async fn write_body_with(
     session: &mut ServerSession,
     status: u16,
     body: &[u8],
@@ -512,8 +537,8 @@ async fn write_json_with(
     let Ok(mut resp) = ResponseHeader::build(status, Some(8)) else {
         return;
     };
-    extra(&mut resp);
     let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
+    extra(&mut resp);
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
     if session.write_response_header(Box::new(resp)).await.is_ok() {
         let _ = session
@@ -524,7 +549,7 @@ async fn write_json_with(
 
 async fn respond_error(session: &mut ServerSession, rejection: &Rejection) {
     let body = rejection.body().to_json();
-    write_json_with(session, rejection.status(), &body, |resp| {
+    write_body_with(session, rejection.status(), &body, |resp| {
         if let Rejection::RateLimited(r, rate) = rejection {
             let secs = r.retry_after.as_millis().div_ceil(1000).max(1);
             let _ = resp.insert_header(header::RETRY_AFTER, secs.to_string());

@@ -17,6 +17,7 @@
 
 mod gateway;
 mod limits;
+mod metrics;
 mod reject;
 mod upstream;
 

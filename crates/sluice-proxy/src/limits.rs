@@ -95,6 +95,11 @@ impl Scopes {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Every registered limit.
+    pub fn all(&self) -> impl Iterator<Item = &LimitHandle> {
+        self.by_id.values()
+    }
+
     /// The limit named `id`.
     pub fn handle(&self, id: &str) -> Option<LimitHandle> {
         self.by_id.get(id).cloned()

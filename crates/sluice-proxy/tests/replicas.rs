@@ -51,6 +51,21 @@ impl Replica {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// A gauge from `/metrics`, e.g. `sluice_ratelimit_overshoot_bound{scope="…"}`.
+    async fn metric(&self, series: &str) -> u64 {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+    }
+
     async fn readiness(&self) -> Option<serde_json::Value> {
         let resp = client()
             .get(self.url("/health/readiness"))
@@ -172,7 +187,15 @@ fn bound(replicas: u64, limit: u64, cost: u64) -> u64 {
     replicas * ((limit as f64 * 0.05).ceil() as u64).max(cost)
 }
 
-async fn g1(name: &str, limits: &str, keys: &str, key: Option<&str>, limit: u64, cost: u64) {
+async fn g1(
+    name: &str,
+    scope: &str,
+    limits: &str,
+    keys: &str,
+    key: Option<&str>,
+    limit: u64,
+    cost: u64,
+) {
     let redis = RedisServer::start().unwrap();
     let up = MockUpstream::start(MockConfig {
         completion_tokens: 7,
@@ -202,7 +225,13 @@ async fn g1(name: &str, limits: &str, keys: &str, key: Option<&str>, limit: u64,
     let times: Vec<Instant> = up.requests().iter().map(|r| r.at).collect();
     assert_eq!(times.len(), served);
     let worst = max_in_any_period(&times) as u64 * cost;
-    let b = bound(5, limit, cost);
+    // The bound every replica exports, checked against the crate docs' formula.
+    let b = replicas[0]
+        .metric(&format!(
+            "sluice_ratelimit_overshoot_bound{{scope=\"{scope}\"}}"
+        ))
+        .await;
+    assert_eq!(b, bound(5, limit, cost), "exported bound");
     eprintln!(
         "G1 {name}: sent {}, served {served}, 429 {limited}; worst period {worst} of limit {limit} (bound {b})",
         statuses.len()
@@ -223,18 +252,36 @@ async fn g1(name: &str, limits: &str, keys: &str, key: Option<&str>, limit: u64,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g1_deployment_tpm_holds_across_five_replicas() {
-    g1("deployment tpm", ", tpm: 500", "", None, 500, COST).await;
+    g1(
+        "deployment tpm",
+        "deployment:m.0:tpm",
+        ", tpm: 500",
+        "",
+        None,
+        500,
+        COST,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g1_deployment_rpm_holds_across_five_replicas() {
-    g1("deployment rpm", ", rpm: 30", "", None, 30, 1).await;
+    g1(
+        "deployment rpm",
+        "deployment:m.0:rpm",
+        ", rpm: 30",
+        "",
+        None,
+        30,
+        1,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn g1_key_tpm_holds_across_five_replicas() {
     let keys = "general_settings: {master_key: sk-m}\nkeys:\n  - {key: sk-a, key_alias: a, tpm_limit: 500}\n";
-    g1("key tpm", "", keys, Some("sk-a"), 500, COST).await;
+    g1("key tpm", "key:a:tpm", "", keys, Some("sk-a"), 500, COST).await;
 }
 
 async fn g2(n: usize) {

@@ -229,3 +229,31 @@ fn api_base_forms() {
     assert!(parse_api_base("http://u:p@x/v1").is_err());
     assert!(parse_api_base("http://x/v1?a=b").is_err());
 }
+
+#[test]
+fn limits_section() {
+    let base = "model_list:\n  - model_name: m\n    litellm_params: {model: gpt-4o}\n";
+    let c = ok(&format!(
+        "{base}limits: {{period: 6, slots: 30, lease_ttl: 1, on_redis_error: closed, default_max_tokens: 256}}\n"
+    ))
+    .config;
+    assert_eq!(c.limits.period, Duration::from_secs(6));
+    assert_eq!((c.limits.slots, c.limits.default_max_tokens), (30, 256));
+    assert_eq!(c.limits.on_redis_error, OnRedisError::Closed);
+    let d = ok(base).config.limits;
+    assert_eq!(
+        (d.period, d.slots, d.lease_ttl),
+        (Duration::from_secs(60), 60, Duration::from_secs(5))
+    );
+    assert_eq!(d.on_redis_error, OnRedisError::Local);
+    assert_eq!(
+        paths(&format!(
+            "{base}limits: {{on_redis_error: maybe, slots: 0, max_lease_fraction: 2}}\n"
+        )),
+        [
+            "limits.slots",
+            "limits.max_lease_fraction",
+            "limits.on_redis_error"
+        ]
+    );
+}

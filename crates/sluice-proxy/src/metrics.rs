@@ -1,0 +1,159 @@
+//! Prometheus metrics (text format at `GET /metrics`).
+//!
+//! Label values are bounded: limit names come from the config (`deployment:<id>:tpm`,
+//! `key:<alias>:rpm`), other labels from closed enums. Values that are state, not events
+//! (remaining budget, the overshoot bound, the limiter's mode), are read at scrape time.
+
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use sluice_ratelimit::{LimitHandle, Limiter, Mode};
+
+/// The metric families Sluice exports so far.
+pub struct Metrics {
+    registry: Registry,
+    overshoot_bound: IntGaugeVec,
+    remaining: IntGaugeVec,
+    consumed: IntGaugeVec,
+    mode: IntGaugeVec,
+    replicas: IntGauge,
+    redis_up: IntGauge,
+    claims: IntGauge,
+    rejections: IntCounterVec,
+}
+
+/// Which kind of scope refused a request (`sluice_ratelimit_rejections_total{scope_kind}`).
+#[derive(Debug, Clone, Copy)]
+pub enum ScopeKind {
+    /// A deployment's `tpm`/`rpm`.
+    Deployment,
+    /// A key's limits.
+    Key,
+}
+
+impl ScopeKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deployment => "deployment",
+            Self::Key => "key",
+        }
+    }
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g =
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
+    r.register(Box::new(g.clone()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    g
+}
+
+impl Metrics {
+    /// Registers every family in a fresh registry.
+    ///
+    /// # Panics
+    /// Only on a programming error in the metric definitions (a bad name or a duplicate),
+    /// which the tests exercise.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let rejections = IntCounterVec::new(
+            Opts::new(
+                "sluice_ratelimit_rejections_total",
+                "Requests refused by a limit, by scope kind",
+            ),
+            &["scope_kind"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(rejections.clone()))
+            .expect("unique metric");
+        let build = gauge_vec(r, "sluice_build_info", "Build information", &["version"]);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Self {
+            overshoot_bound: gauge_vec(
+                r,
+                "sluice_ratelimit_overshoot_bound",
+                "How far a window's admitted budget may exceed the limit, summed over replicas",
+                &["scope"],
+            ),
+            remaining: gauge_vec(
+                r,
+                "sluice_ratelimit_remaining",
+                "Budget left in the window (this replica's view)",
+                &["scope"],
+            ),
+            consumed: gauge_vec(
+                r,
+                "sluice_ratelimit_consumed",
+                "Usage settled on this replica since start",
+                &["scope"],
+            ),
+            mode: gauge_vec(
+                r,
+                "sluice_ratelimit_mode",
+                "1 for the mode limits are enforced in",
+                &["mode"],
+            ),
+            replicas: gauge(
+                "sluice_ratelimit_replicas",
+                "Live replicas sharing the limits",
+            ),
+            redis_up: gauge("sluice_redis_up", "1 while the shared ledger answers"),
+            claims: gauge("sluice_ratelimit_claims", "Ledger claims made since start"),
+            rejections,
+            registry,
+        }
+    }
+
+    /// Counts a request refused by a limit.
+    pub fn rejected(&self, kind: ScopeKind) {
+        self.rejections.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// The text exposition, with state read from `limiter` for `limits`.
+    pub fn render<'a>(
+        &self,
+        limiter: &Limiter,
+        limits: impl Iterator<Item = &'a LimitHandle>,
+    ) -> Vec<u8> {
+        for h in limits {
+            let id = h.spec().id.as_str();
+            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            self.overshoot_bound
+                .with_label_values(&[id])
+                .set(as_i64(limiter.overshoot_bound(h)));
+            self.remaining
+                .with_label_values(&[id])
+                .set(as_i64(limiter.remaining(h)));
+            self.consumed
+                .with_label_values(&[id])
+                .set(as_i64(limiter.consumed(h)));
+        }
+        let current = limiter.mode();
+        for m in [Mode::Global, Mode::Local, Mode::Open, Mode::Closed] {
+            self.mode
+                .with_label_values(&[m.as_str()])
+                .set(i64::from(m == current));
+        }
+        self.replicas
+            .set(i64::try_from(limiter.replicas()).unwrap_or(i64::MAX));
+        self.redis_up
+            .set(i64::from(current == Mode::Global && limiter.ready()));
+        self.claims
+            .set(i64::try_from(limiter.claims()).unwrap_or(i64::MAX));
+        let mut out = Vec::with_capacity(4096);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
