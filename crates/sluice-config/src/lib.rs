@@ -50,6 +50,9 @@ pub struct Config {
     pub redis: Option<RedisSettings>,
     /// `limits`: how TPM/RPM limits are enforced.
     pub limits: LimitSettings,
+    /// `filter.unknown_fields`: refuse (400) requests carrying fields in no allow-list,
+    /// instead of dropping those fields.
+    pub reject_unknown_fields: bool,
 }
 
 impl Config {
@@ -115,6 +118,13 @@ pub struct Deployment {
     pub stream_timeout: Duration,
     /// `model_info.max_input_tokens`.
     pub max_input_tokens: Option<u64>,
+    /// `litellm_params.organization`, sent as `OpenAI-Organization`.
+    pub organization: Option<String>,
+    /// Request fields allowed on top of the endpoint's table (`sluice.extra_allowed_fields`).
+    pub extra_allowed_fields: Vec<String>,
+    /// Request fields always dropped (`sluice.drop_fields`, and LiteLLM's
+    /// `additional_drop_params`).
+    pub drop_fields: Vec<String>,
 }
 
 /// An upstream provider, selected by the `provider/` prefix of `litellm_params.model`.

@@ -16,6 +16,18 @@ pub(crate) struct RawDeployment {
     pub litellm_params: RawLitellmParams,
     #[serde(default)]
     pub model_info: RawModelInfo,
+    /// Sluice's own per-deployment settings.
+    #[serde(default)]
+    pub sluice: RawDeploymentSluice,
+}
+
+/// `model_list[].sluice`: what LiteLLM has no key for.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawDeploymentSluice {
+    #[serde(default)]
+    pub extra_allowed_fields: Vec<String>,
+    #[serde(default)]
+    pub drop_fields: Vec<String>,
 }
 
 /// `model_list[].litellm_params`.
@@ -31,6 +43,9 @@ pub(crate) struct RawLitellmParams {
     pub order: Option<u32>,
     pub timeout: Option<f64>,
     pub stream_timeout: Option<f64>,
+    pub organization: Option<String>,
+    /// LiteLLM's name for fields to drop for this deployment.
+    pub additional_drop_params: Option<Vec<String>>,
 }
 
 /// `model_list[].model_info` (LiteLLM); only the keys Sluice uses are typed.
@@ -89,6 +104,12 @@ pub(crate) struct RawLimits {
     pub redis_timeout: Option<f64>,
 }
 
+/// `filter`: the outbound allow-list's global setting.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct RawFilter {
+    pub unknown_fields: Option<String>,
+}
+
 /// One entry of `keys`: a virtual key.
 #[derive(Debug, Deserialize)]
 pub(crate) struct RawKey {
@@ -113,7 +134,6 @@ pub(crate) struct RawKey {
 pub(crate) const LITELLM_KNOWN_KEYS: &[&str] = &[
     // litellm_params
     "custom_llm_provider",
-    "organization",
     "max_retries",
     "input_cost_per_token",
     "output_cost_per_token",
@@ -128,7 +148,6 @@ pub(crate) const LITELLM_KNOWN_KEYS: &[&str] = &[
     "tags",
     "api_type",
     "drop_params",
-    "additional_drop_params",
     "mock_response",
     "aws_access_key_id",
     "aws_secret_access_key",

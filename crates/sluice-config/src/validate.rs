@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use crate::raw::{
-    RawDeployment, RawGeneralSettings, RawKey, RawLimits, RawRouterSettings, RawServer,
+    RawDeployment, RawFilter, RawGeneralSettings, RawKey, RawLimits, RawRouterSettings, RawServer,
     LITELLM_KNOWN_KEYS, LITELLM_SECTIONS,
 };
 use crate::{
@@ -24,6 +24,7 @@ const SECTIONS: &[&str] = &[
     "server",
     "keys",
     "limits",
+    "filter",
 ];
 
 /// Prefix of a value taken from the environment (LiteLLM's convention).
@@ -77,6 +78,7 @@ struct RawRoot {
     router: RawRouterSettings,
     server: RawServer,
     limits: RawLimits,
+    filter: RawFilter,
 }
 
 impl Cx<'_> {
@@ -108,6 +110,17 @@ impl Cx<'_> {
         let redis = self.redis(&router_redis);
         let server = self.server(root.server);
         let limits = self.limits(root.limits);
+        let reject_unknown_fields = match root.filter.unknown_fields.as_deref() {
+            None | Some("drop") => false,
+            Some("reject") => true,
+            Some(other) => {
+                self.problem(
+                    "filter.unknown_fields",
+                    format!("expected drop or reject, got `{other}`"),
+                );
+                false
+            }
+        };
         Some(Config {
             server,
             master_key,
@@ -116,6 +129,7 @@ impl Cx<'_> {
             router,
             redis,
             limits,
+            reject_unknown_fields,
         })
     }
 
@@ -168,6 +182,11 @@ impl Cx<'_> {
                 "limits" => {
                     if let Some(v) = self.section(value, &key) {
                         root.limits = v;
+                    }
+                }
+                "filter" => {
+                    if let Some(v) = self.section(value, &key) {
+                        root.filter = v;
                     }
                 }
                 k if LITELLM_SECTIONS.contains(&k) => {
@@ -432,6 +451,15 @@ impl Cx<'_> {
             timeout,
             stream_timeout,
             max_input_tokens: raw.model_info.max_input_tokens,
+            organization: p.organization.clone(),
+            extra_allowed_fields: raw.sluice.extra_allowed_fields.clone(),
+            drop_fields: raw
+                .sluice
+                .drop_fields
+                .iter()
+                .chain(p.additional_drop_params.iter().flatten())
+                .cloned()
+                .collect(),
         })
     }
 

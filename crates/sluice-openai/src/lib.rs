@@ -9,9 +9,11 @@
 //! Not here: HTTP, routing, limits. This crate knows JSON, not sockets.
 
 mod error;
+pub mod filter;
 mod request;
 mod usage;
 
 pub use error::{ErrorBody, ErrorType};
-pub use request::{Endpoint, ParseError, Request, Shaped};
+pub use filter::{DropReason, FieldPolicy, Verdict};
+pub use request::{Dropped, Endpoint, ParseError, Request, Shaped};
 pub use usage::{usage_of_json, SseRelay, Usage};

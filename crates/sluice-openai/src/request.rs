@@ -7,6 +7,8 @@ use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::filter::{FieldPolicy, Verdict};
+
 /// Largest `max_tokens` accepted. No model has a context anywhere near this; a larger value
 /// is a client bug, and letting it through would make the token reservation meaningless.
 pub const MAX_TOKENS_CEILING: u64 = 100_000_000;
@@ -83,6 +85,9 @@ pub enum ParseError {
     /// Nested deeper than [`MAX_DEPTH`].
     #[error("the request body is nested more than {MAX_DEPTH} levels deep")]
     TooDeep,
+    /// A field in no allow-list, with `unknown_fields: reject`.
+    #[error("Unrecognized request argument supplied: {0}")]
+    UnknownField(String),
     /// The same top-level key twice: which one a provider honours is anyone's guess.
     #[error("the request body has the key `{0}` more than once")]
     DuplicateKey(String),
@@ -104,7 +109,7 @@ impl ParseError {
     pub fn param(&self) -> Option<&str> {
         match self {
             Self::Missing(f) | Self::Invalid { field: f, .. } => Some(f),
-            Self::DuplicateKey(k) => Some(k),
+            Self::DuplicateKey(k) | Self::UnknownField(k) => Some(k),
             _ => None,
         }
     }
@@ -141,6 +146,17 @@ pub struct Shaped {
     /// Sluice added `stream_options.include_usage` on its own account: the usage chunk must
     /// not reach the client.
     pub injected_usage: bool,
+    /// Fields left out, with why (labels are bounded: see [`crate::filter::field_label`]).
+    pub dropped: Vec<Dropped>,
+}
+
+/// One field the filter left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// The field's metric label (its name if known, else `other`).
+    pub label: &'static str,
+    /// Why.
+    pub reason: crate::DropReason,
 }
 
 impl fmt::Debug for Request {
@@ -276,19 +292,38 @@ impl Request {
         self.client_wants_usage
     }
 
-    /// The body to send upstream: every top-level field in its order, values copied as raw
-    /// bytes, with `model` set to `upstream_model` (and written first). A stream also asks
-    /// for `stream_options.include_usage`, so the response can settle the token count.
-    pub fn shape(&self, upstream_model: &str) -> Shaped {
-        let inject =
-            self.stream && self.endpoint != Endpoint::Embeddings && !self.client_wants_usage;
+    /// The body to send upstream for a deployment: the fields `policy` allows, in their
+    /// order, values copied as raw bytes, with `model` set to `upstream_model` (and written
+    /// first). A stream also asks for `stream_options.include_usage`, so the response can
+    /// settle the token count.
+    ///
+    /// # Errors
+    /// [`ParseError::UnknownField`] when `policy` rejects unknown fields and one is present.
+    pub fn shape(&self, upstream_model: &str, policy: &FieldPolicy) -> Result<Shaped, ParseError> {
+        let options_allowed = policy.verdict(self.endpoint, "stream_options") == Verdict::Keep;
+        let inject = self.stream
+            && self.endpoint != Endpoint::Embeddings
+            && !self.client_wants_usage
+            && options_allowed;
         let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 48);
         out.extend_from_slice(b"{\"model\":");
         write_json_string(&mut out, upstream_model);
         let mut wrote_options = false;
+        let mut dropped = Vec::new();
         for f in &self.fields {
             if f.key == "model" {
                 continue;
+            }
+            match policy.verdict(self.endpoint, &f.key) {
+                Verdict::Keep => {}
+                Verdict::Drop(reason) => {
+                    dropped.push(Dropped {
+                        label: crate::filter::field_label(&f.key),
+                        reason,
+                    });
+                    continue;
+                }
+                Verdict::Reject => return Err(ParseError::UnknownField(f.key.clone())),
             }
             out.push(b',');
             write_json_string(&mut out, &f.key);
@@ -305,10 +340,11 @@ impl Request {
             out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
         }
         out.push(b'}');
-        Shaped {
+        Ok(Shaped {
             body: Bytes::from(out),
             injected_usage: inject,
-        }
+            dropped,
+        })
     }
 }
 
@@ -468,6 +504,15 @@ impl fmt::Display for DuplicateKey {
 mod tests {
     use super::*;
 
+    /// A policy that keeps every field of these tests.
+    fn open_policy() -> FieldPolicy {
+        FieldPolicy {
+            openai: true,
+            extra_allowed: vec!["weird\"key".into()],
+            ..FieldPolicy::default()
+        }
+    }
+
     fn parse(body: &str) -> Result<Request, ParseError> {
         Request::parse(Endpoint::ChatCompletions, Bytes::from(body.to_owned()))
     }
@@ -503,7 +548,7 @@ mod tests {
         let body = r#"{ "model" : "group", "messages":[{"role":"user","content":"a\u00e9\n"}],
             "temperature": 0.70, "weird\"key": {"x": [1, 2]} }"#;
         let r = parse(body).unwrap();
-        let out = r.shape("real-model").body;
+        let out = r.shape("real-model", &open_policy()).unwrap().body;
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.starts_with(r#"{"model":"real-model","#), "{text}");
         // Raw bytes, not re-encoded: the escape and the 0.70 survive as written.
@@ -512,19 +557,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["weird\"key"]["x"][1], 2);
         assert_eq!(v.as_object().unwrap().len(), 4);
+        // The same body through the default policy: the unknown key is dropped and counted.
+        let shaped = r.shape("real-model", &FieldPolicy::default()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&shaped.body).unwrap();
+        assert!(v.get("weird\"key").is_none() && v["temperature"] == 0.7);
+        assert_eq!(
+            shaped.dropped,
+            [Dropped {
+                label: "other",
+                reason: crate::DropReason::Unknown
+            }]
+        );
     }
 
     #[test]
     fn streams_ask_for_usage_unless_the_client_did() {
         let plain = parse(r#"{"model":"m","stream":true,"messages":[]}"#)
             .unwrap()
-            .shape("u");
+            .shape("u", &open_policy())
+            .unwrap();
         assert!(plain.injected_usage);
         let v: serde_json::Value = serde_json::from_slice(&plain.body).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         let merged = parse(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#)
             .unwrap()
-            .shape("u");
+            .shape("u", &open_policy())
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&merged.body).unwrap();
         assert_eq!(
             v["stream_options"],
@@ -539,8 +597,13 @@ mod tests {
             r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
         )
         .unwrap();
-        assert!(asked.client_wants_usage() && !asked.shape("u").injected_usage);
-        let not_stream = parse(r#"{"model":"m","messages":[]}"#).unwrap().shape("u");
+        assert!(
+            asked.client_wants_usage() && !asked.shape("u", &open_policy()).unwrap().injected_usage
+        );
+        let not_stream = parse(r#"{"model":"m","messages":[]}"#)
+            .unwrap()
+            .shape("u", &open_policy())
+            .unwrap();
         assert!(
             !not_stream.injected_usage
                 && !std::str::from_utf8(&not_stream.body)

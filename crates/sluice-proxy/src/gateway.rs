@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, ScopeKind};
 use crate::reject::Rejection;
-use crate::upstream::{Exchange, Failure, Upstream};
+use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream};
 
 /// How long Sluice waits for the next piece of a client's request before giving up on it.
 const DOWNSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,9 +40,10 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 /// Statuses after which the same request goes to the next candidate, if there is one: the
-/// upstream is out of budget or failing, and nothing has reached the client yet.
+/// upstream is out of budget, failing, or refusing this deployment's credential, and nothing
+/// has reached the client yet.
 fn retryable(status: u16) -> bool {
-    matches!(status, 429 | 500 | 502 | 503 | 504)
+    matches!(status, 401 | 403 | 429 | 500 | 502 | 503 | 504)
 }
 
 /// Largest non-streamed response body Sluice buffers a copy of to read `usage`; a larger one
@@ -92,7 +93,12 @@ impl Gateway {
             .groups
             .iter()
             .flat_map(|g| g.deployments.iter())
-            .map(|d| (d.id.clone(), Upstream::new(d.clone())))
+            .map(|d| {
+                (
+                    d.id.clone(),
+                    Upstream::new(d.clone(), config.reject_unknown_fields),
+                )
+            })
             .collect();
         if config.master_key.is_none() && config.keys.is_empty() {
             log::warn!(
@@ -219,12 +225,17 @@ impl Gateway {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
         let plan = Plan::new(group, &mut rand::thread_rng());
-        let accept = session
-            .get_header(header::ACCEPT)
-            .map(|v| v.as_bytes().to_vec());
-        let user_agent = session
-            .get_header(header::USER_AGENT)
-            .map(|v| v.as_bytes().to_vec());
+        let header_bytes = |name: &str| session.get_header(name).map(|v| v.as_bytes().to_vec());
+        let (accept, user_agent, openai_beta) = (
+            header_bytes("accept"),
+            header_bytes("user-agent"),
+            header_bytes("openai-beta"),
+        );
+        let client_headers = ClientHeaders {
+            accept: accept.as_deref(),
+            user_agent: user_agent.as_deref(),
+            openai_beta: openai_beta.as_deref(),
+        };
         let tokens = request.prompt_tokens_estimate()
             + match endpoint {
                 Endpoint::Embeddings => 0,
@@ -244,6 +255,10 @@ impl Gateway {
                 continue;
             };
             let is_last = i + 1 == candidates.len();
+            // Shape first: a body this deployment refuses to take is the client's error.
+            let shaped = request
+                .shape(&deployment.upstream_model, &upstream.policy)
+                .map_err(Rejection::BadRequest)?;
             // Look before leaping: reserve budget on every scope this candidate touches.
             let handles: Vec<&LimitHandle> = key_scopes
                 .iter()
@@ -289,15 +304,17 @@ impl Gateway {
                     continue;
                 }
             };
-            let shaped = request.shape(&deployment.upstream_model);
+            // Counted per body actually sent.
+            for d in &shaped.dropped {
+                self.metrics.dropped_field(endpoint, d.label);
+            }
             let deadline = Instant::now() + deployment.timeout;
             let exchange = upstream
                 .send(
                     &self.connector,
                     endpoint,
                     &shaped.body,
-                    accept.as_deref(),
-                    user_agent.as_deref(),
+                    client_headers,
                     deadline,
                 )
                 .await;

@@ -18,6 +18,7 @@ pub struct Metrics {
     redis_up: IntGauge,
     claims: IntGauge,
     rejections: IntCounterVec,
+    dropped_fields: IntCounterVec,
 }
 
 /// Which kind of scope refused a request (`sluice_ratelimit_rejections_total{scope_kind}`).
@@ -72,6 +73,16 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(rejections.clone()))
             .expect("unique metric");
+        let dropped_fields = IntCounterVec::new(
+            Opts::new(
+                "sluice_filter_dropped_fields_total",
+                "Request fields the outbound allow-list left out (field: its name when known, else other)",
+            ),
+            &["endpoint", "field"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(dropped_fields.clone()))
+            .expect("unique metric");
         let build = gauge_vec(r, "sluice_build_info", "Build information", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Self {
@@ -106,6 +117,7 @@ impl Metrics {
             redis_up: gauge("sluice_redis_up", "1 while the shared ledger answers"),
             claims: gauge("sluice_ratelimit_claims", "Ledger claims made since start"),
             rejections,
+            dropped_fields,
             registry,
         }
     }
@@ -113,6 +125,13 @@ impl Metrics {
     /// Counts a request refused by a limit.
     pub fn rejected(&self, kind: ScopeKind) {
         self.rejections.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Counts a request field the filter left out; `field` is already a bounded label.
+    pub fn dropped_field(&self, endpoint: sluice_openai::Endpoint, field: &'static str) {
+        self.dropped_fields
+            .with_label_values(&[endpoint.as_str(), field])
+            .inc();
     }
 
     /// The text exposition, with state read from `limiter` for `limits`.

@@ -10,7 +10,7 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 use sluice_config::{Deployment, Provider};
-use sluice_openai::Endpoint;
+use sluice_openai::{Endpoint, FieldPolicy};
 use tokio::time::{timeout_at, Instant};
 
 /// How long an idle upstream connection stays in the pool.
@@ -24,8 +24,22 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 pub struct Upstream {
     /// The deployment it came from.
     pub deployment: Deployment,
+    /// Which request fields it may see.
+    pub policy: FieldPolicy,
     peer: OnceLock<HttpPeer>,
     host_header: String,
+}
+
+/// Client headers that may travel upstream (besides the ones Sluice sets itself). Everything
+/// else, the client's `Authorization`, cookies and `x-sluice-*` included, stays behind.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClientHeaders<'a> {
+    /// `Accept`.
+    pub accept: Option<&'a [u8]>,
+    /// `User-Agent`.
+    pub user_agent: Option<&'a [u8]>,
+    /// `OpenAI-Beta` (opt-in beta features).
+    pub openai_beta: Option<&'a [u8]>,
 }
 
 /// Why an exchange failed before a response header arrived.
@@ -57,7 +71,7 @@ pub struct Exchange {
 
 impl Upstream {
     /// Wraps a deployment; resolves nothing yet.
-    pub fn new(deployment: Deployment) -> Self {
+    pub fn new(deployment: Deployment, reject_unknown_fields: bool) -> Self {
         let b = &deployment.api_base;
         let default_port = if b.tls { 443 } else { 80 };
         let host = if b.host.contains(':') {
@@ -70,8 +84,16 @@ impl Upstream {
         } else {
             format!("{host}:{}", b.port)
         };
+        let policy = FieldPolicy {
+            // `openai/` means OpenAI's own API semantics, also for compatible servers.
+            openai: deployment.provider == Provider::OpenAi,
+            extra_allowed: deployment.extra_allowed_fields.clone(),
+            drop: deployment.drop_fields.clone(),
+            reject_unknown: reject_unknown_fields,
+        };
         Self {
             deployment,
+            policy,
             peer: OnceLock::new(),
             host_header,
         }
@@ -116,8 +138,7 @@ impl Upstream {
         &self,
         endpoint: Endpoint,
         body_len: usize,
-        accept: Option<&[u8]>,
-        user_agent: Option<&[u8]>,
+        client: ClientHeaders<'_>,
     ) -> Result<RequestHeader, Failure> {
         let bad = |e: Box<Error>| Failure::Protocol(format!("building the request: {e}"));
         let mut req =
@@ -128,10 +149,17 @@ impl Upstream {
             .map_err(bad)?;
         req.insert_header("content-length", body_len.to_string())
             .map_err(bad)?;
-        req.insert_header("accept", accept.unwrap_or(b"application/json"))
+        req.insert_header("accept", client.accept.unwrap_or(b"application/json"))
             .map_err(bad)?;
-        if let Some(ua) = user_agent {
+        if let Some(ua) = client.user_agent {
             req.insert_header("user-agent", ua).map_err(bad)?;
+        }
+        if let Some(beta) = client.openai_beta {
+            req.insert_header("openai-beta", beta).map_err(bad)?;
+        }
+        if let Some(org) = &self.deployment.organization {
+            req.insert_header("openai-organization", org.as_str())
+                .map_err(bad)?;
         }
         if let Some(key) = &self.deployment.api_key {
             match self.deployment.provider {
@@ -157,8 +185,7 @@ impl Upstream {
         connector: &Connector,
         endpoint: Endpoint,
         body: &Bytes,
-        accept: Option<&[u8]>,
-        user_agent: Option<&[u8]>,
+        client: ClientHeaders<'_>,
         deadline: Instant,
     ) -> Result<Exchange, Failure> {
         let peer = self.peer().await?;
@@ -169,7 +196,7 @@ impl Upstream {
                     .await
                     .map_err(|e| Failure::Connect(e.to_string()))?;
                 session.set_read_timeout(Some(self.deployment.stream_timeout));
-                let header = self.request_header(endpoint, body.len(), accept, user_agent)?;
+                let header = self.request_header(endpoint, body.len(), client)?;
                 let sent = async {
                     session.write_request_header(Box::new(header)).await?;
                     session.write_request_body(body.clone(), true).await?;
