@@ -13,6 +13,9 @@ pub mod filter;
 mod request;
 mod usage;
 
+#[cfg(test)]
+mod props;
+
 pub use error::{ErrorBody, ErrorType};
 pub use filter::{DropReason, FieldPolicy, Verdict};
 pub use request::{Dropped, Endpoint, ParseError, Request, Shaped};

@@ -1,0 +1,49 @@
+//! Parse + filter a 1 MiB chat body, next to a `serde_json::Value` round trip of the same body.
+//! `cargo bench -p sluice-openai --bench filter`
+
+// Bench code: a failed unwrap is a failed run.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use sluice_openai::{Endpoint, FieldPolicy, Request};
+
+fn body() -> Bytes {
+    // A long conversation: 64 messages of 16 KiB, plus the usual parameters and some junk.
+    let content: String = (0..16 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let messages: Vec<serde_json::Value> = (0..64)
+        .map(|i| serde_json::json!({"role": if i % 2 == 0 {"user"} else {"assistant"}, "content": content}))
+        .collect();
+    let v = serde_json::json!({
+        "model": "gpt-4o", "messages": messages, "temperature": 0.2, "max_tokens": 512,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        "user": "u-1", "_litellm_rate_limit_descriptors": [1, 2], "litellm_params": {"a": 1},
+    });
+    Bytes::from(serde_json::to_vec(&v).unwrap())
+}
+
+fn filter(c: &mut Criterion) {
+    let body = body();
+    let policy = FieldPolicy::default();
+    let mut g = c.benchmark_group("filter_1MiB");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("sluice parse + shape", |b| {
+        b.iter(|| {
+            let r = Request::parse(Endpoint::ChatCompletions, body.clone()).unwrap();
+            r.shape("gpt-4o-2024-08-06", &policy).unwrap()
+        })
+    });
+    g.bench_function("serde_json::Value round trip", |b| {
+        b.iter(|| {
+            let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["model"] = "gpt-4o-2024-08-06".into();
+            serde_json::to_vec(&v).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, filter);
+criterion_main!(benches);

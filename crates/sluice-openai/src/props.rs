@@ -1,0 +1,150 @@
+//! Property tests of parse + shape (the filter), and a fuzz-style no-panic run.
+//!
+//! `PROPTEST_CASES=1000000 cargo test -p sluice-openai --release props` runs them long.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::filter::{FieldPolicy, Verdict};
+use crate::{Endpoint, Request};
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        (-1e12f64..1e12).prop_map(Value::from),
+        "[ -~\\u{e9}\\u{1F600}\"\\\\\n\t]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z\"]{0,5}", inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Keys a request may carry: allowed, OpenAI-only, internal, and invented ones (with
+/// characters that need escaping).
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "temperature",
+            "user",
+            "tools",
+            "top_p",
+            "n",
+            "stop",
+            "metadata",
+            "store",
+            "stream_options",
+            "top_k",
+            "api_key",
+            "api_base",
+            "litellm_params",
+            "_hidden",
+            "sluice_x",
+            "organization",
+        ])
+        .prop_map(str::to_owned),
+        "[a-z_\"\\\\\u{e9}]{1,8}",
+    ]
+}
+
+fn request_object() -> impl Strategy<Value = (String, bool)> {
+    (
+        proptest::collection::btree_map(key(), json_value(), 0..10),
+        any::<bool>(),
+    )
+        .prop_map(|(mut fields, pretty)| {
+            fields.remove("model");
+            fields.remove("messages");
+            fields.remove("stream");
+            fields.remove("max_tokens");
+            fields.remove("stream_options");
+            let mut obj = serde_json::Map::new();
+            obj.insert("model".into(), Value::from("group"));
+            obj.insert(
+                "messages".into(),
+                serde_json::json!([{"role": "user", "content": "hi"}]),
+            );
+            obj.extend(fields);
+            let v = Value::Object(obj);
+            let text = if pretty {
+                serde_json::to_string_pretty(&v).unwrap()
+            } else {
+                v.to_string()
+            };
+            (text, pretty)
+        })
+}
+
+fn raw_fields(bytes: &[u8]) -> BTreeMap<String, String> {
+    let m: BTreeMap<String, &RawValue> = serde_json::from_slice(bytes).unwrap();
+    m.into_iter()
+        .map(|(k, v)| (k, v.get().to_owned()))
+        .collect()
+}
+
+proptest! {
+    /// The output parses, holds `model` plus exactly the input keys the policy keeps, and
+    /// every kept value is byte-identical to the input's.
+    #[test]
+    fn shape_keeps_exactly_the_allowed_keys_byte_for_byte(
+        (text, _pretty) in request_object(),
+        openai in any::<bool>(),
+        extra in proptest::collection::vec(key(), 0..3),
+    ) {
+        let policy = FieldPolicy { openai, extra_allowed: extra, ..FieldPolicy::default() };
+        let req = Request::parse(Endpoint::ChatCompletions, Bytes::from(text.clone())).unwrap();
+        let shaped = req.shape("upstream-model", &policy).unwrap();
+        let input = raw_fields(text.as_bytes());
+        let output = raw_fields(&shaped.body);
+        prop_assert_eq!(output.get("model").map(String::as_str), Some("\"upstream-model\""));
+        let expected: Vec<&String> = input
+            .keys()
+            .filter(|k| *k != "model" && policy.verdict(Endpoint::ChatCompletions, k) == Verdict::Keep)
+            .collect();
+        let got: Vec<&String> = output.keys().filter(|k| *k != "model").collect();
+        prop_assert_eq!(got, expected);
+        for (k, v) in output.iter().filter(|(k, _)| *k != "model") {
+            prop_assert_eq!(v, &input[k], "value of {} changed", k);
+        }
+        prop_assert_eq!(shaped.dropped.len(), input.len() - 1 - (output.len() - 1));
+    }
+
+    /// Fuzz-style: arbitrary bytes, and valid requests with bytes flipped, never panic; what
+    /// parses shapes into a JSON object.
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        (text, _) in request_object(),
+        noise in proptest::collection::vec(any::<u8>(), 0..64),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        pick in 0u8..3,
+    ) {
+        let mut bytes = text.into_bytes();
+        for (i, b) in flips {
+            let at = i.index(bytes.len());
+            bytes[at] = b;
+        }
+        let input = match pick {
+            0 => noise,
+            _ => bytes,
+        };
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings] {
+            if let Ok(req) = Request::parse(endpoint, Bytes::from(input.clone())) {
+                for policy in [FieldPolicy::default(), FieldPolicy { openai: true, reject_unknown: true, ..FieldPolicy::default() }] {
+                    if let Ok(shaped) = req.shape("m", &policy) {
+                        let v: Value = serde_json::from_slice(&shaped.body).unwrap();
+                        prop_assert!(v.is_object());
+                    }
+                }
+            }
+        }
+    }
+}
