@@ -349,23 +349,29 @@ impl Request {
 }
 
 /// Whether `json` nests arrays/objects deeper than `limit`. Brackets inside strings do not
-/// count; the JSON itself is validated separately.
+/// count; the JSON itself is validated separately. Strings (nearly all of a prompt's bytes)
+/// are skipped with a SIMD search for the next quote or backslash.
 fn too_deep(json: &[u8], limit: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in json {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&b) = json.get(i) {
         match b {
-            b'"' => in_string = true,
+            b'"' => {
+                i += 1;
+                loop {
+                    let Some(off) = memchr::memchr2(b'"', b'\\', &json[i.min(json.len())..]) else {
+                        return false; // unterminated: the parser reports that
+                    };
+                    i += off;
+                    if json[i] == b'\\' {
+                        i += 2; // skip the escaped byte
+                    } else {
+                        i += 1;
+                        break;
+                    }
+                }
+                continue;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -375,6 +381,7 @@ fn too_deep(json: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
