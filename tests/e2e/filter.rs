@@ -44,9 +44,10 @@ async fn the_leak_scenario_falls_back_to_a_strict_provider_cleanly() {
             .unwrap();
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     }
+    // allowed_fails (3) + 1 failures cool the primary down: the fifth request skips it.
     assert_eq!(
         (primary.calls(), strict.calls()),
-        (5, 5),
+        (4, 5),
         "every request fell back after the 401"
     );
     for r in primary.requests().iter().chain(strict.requests().iter()) {
@@ -76,9 +77,9 @@ async fn the_leak_scenario_falls_back_to_a_strict_provider_cleanly() {
         .text()
         .await
         .unwrap();
-    for (field, n) in [("api_base", 10), ("metadata_internal", 10), ("other", 20)] {
-        // 5 requests × 2 bodies sent; `_litellm_…` and `litellm_params` are not in the
-        // tables, so they count as `other` (client-chosen names never become labels).
+    for (field, n) in [("api_base", 9), ("metadata_internal", 9), ("other", 18)] {
+        // 9 bodies sent; `_litellm_…` and `litellm_params` are not in the tables, so they
+        // count as `other` (client-chosen names never become labels).
         let line = format!("sluice_filter_dropped_fields_total{{endpoint=\"chat_completions\",field=\"{field}\"}} {n}");
         assert!(metrics.contains(&line), "missing `{line}` in\n{metrics}");
     }

@@ -261,6 +261,8 @@ pub struct RouterSettings {
     pub allowed_fails: u32,
     /// How long a deployment cools down.
     pub cooldown_time: Duration,
+    /// Deadline for a request's whole chain of attempts (`router_settings.timeout`).
+    pub timeout: Duration,
 }
 
 /// `limits`: rate-limit tuning (Sluice's own section).

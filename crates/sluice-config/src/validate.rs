@@ -578,6 +578,12 @@ impl Cx<'_> {
             content_policy_fallbacks,
             default_fallbacks,
             num_retries: raw.num_retries.unwrap_or(2),
+            // Reported (if bad) where deployments take it as their default.
+            timeout: raw
+                .timeout
+                .and_then(|t| Duration::try_from_secs_f64(t).ok())
+                .filter(|d| !d.is_zero())
+                .unwrap_or(DEFAULT_TIMEOUT),
             allowed_fails: raw.allowed_fails.unwrap_or(3),
             cooldown_time,
         }

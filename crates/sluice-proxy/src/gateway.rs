@@ -16,13 +16,13 @@ use pingora_http::ResponseHeader;
 use sluice_config::{Config, KeyDigest, VirtualKey};
 use sluice_openai::{Endpoint, Request, SseRelay};
 use sluice_ratelimit::{Admitted, Kind, LimitHandle, Limiter};
-use sluice_router::Plan;
+use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, ScopeKind};
 use crate::reject::Rejection;
-use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream};
+use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream, UpstreamAnswer};
 
 /// How long Sluice waits for the next piece of a client's request before giving up on it.
 const DOWNSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,16 +39,109 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::PROXY_AUTHORIZATION,
 ];
 
-/// Statuses after which the same request goes to the next candidate, if there is one: the
-/// upstream is out of budget, failing, or refusing this deployment's credential, and nothing
-/// has reached the client yet.
-fn retryable(status: u16) -> bool {
-    matches!(status, 401 | 403 | 429 | 500 | 502 | 503 | 504)
-}
-
 /// Largest non-streamed response body Sluice buffers a copy of to read `usage`; a larger one
 /// is settled by its estimate.
 const USAGE_SCAN_LIMIT: usize = 8 * 1024 * 1024;
+
+/// How an upstream's error answer steers the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamError {
+    /// 429: out of budget upstream; cool the deployment down and try the next.
+    RateLimited,
+    /// 5xx, 401, 403: the deployment (or its credential) is failing; count it, try the next.
+    Failing,
+    /// The prompt is too long for this model: try `context_window_fallbacks`.
+    ContextLength,
+    /// A content filter refused it: try `content_policy_fallbacks`.
+    ContentPolicy,
+    /// Any other 4xx: the request is wrong; pass the answer on.
+    Client,
+}
+
+fn classify_error(status: u16, body: &[u8]) -> UpstreamError {
+    match status {
+        429 => return UpstreamError::RateLimited,
+        401 | 403 | 500..=599 => return UpstreamError::Failing,
+        _ => {}
+    }
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        error: Option<Inner>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        code: Option<serde_json::Value>,
+        message: Option<String>,
+    }
+    let inner = serde_json::from_slice::<Wire>(body)
+        .ok()
+        .and_then(|w| w.error);
+    let code = inner
+        .as_ref()
+        .and_then(|e| e.code.as_ref())
+        .and_then(|c| c.as_str())
+        .unwrap_or_default();
+    let message = inner
+        .as_ref()
+        .and_then(|e| e.message.as_deref())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if code == "context_length_exceeded" || message.contains("maximum context length") {
+        UpstreamError::ContextLength
+    } else if matches!(code, "content_filter" | "content_policy_violation")
+        || message.contains("content management policy")
+    {
+        UpstreamError::ContentPolicy
+    } else {
+        UpstreamError::Client
+    }
+}
+
+/// What a chain ran into, to answer with when no candidate served the request.
+#[derive(Default)]
+struct ChainOutcome {
+    /// The last upstream error answer (passed on as is).
+    answer: Option<(String, UpstreamAnswer)>,
+    /// The last failure without an answer (connect error, timeout).
+    failure: Option<Failure>,
+    /// The limit that frees up first, among those that refused.
+    limited: Option<sluice_ratelimit::Rejected>,
+    /// The shortest remaining cooldown among skipped deployments.
+    cooldown: Option<Duration>,
+}
+
+impl ChainOutcome {
+    fn limited(&mut self, r: sluice_ratelimit::Rejected) {
+        if self
+            .limited
+            .as_ref()
+            .is_none_or(|l| r.retry_after < l.retry_after)
+        {
+            self.limited = Some(r);
+        }
+    }
+
+    fn cooling(&mut self, left: Duration) {
+        self.cooldown = Some(self.cooldown.map_or(left, |c| c.min(left)));
+        if let Some(l) = self.limited.as_mut() {
+            l.retry_after = l.retry_after.min(left);
+        }
+    }
+}
+
+/// Remaining budget per deployment, for `usage-based-routing-v2`.
+struct GatewayBudget<'a>(&'a Gateway);
+
+impl Budget for GatewayBudget<'_> {
+    fn remaining(&self, id: &str) -> Option<u64> {
+        self.0
+            .scopes
+            .deployment(id)
+            .iter()
+            .map(|h| self.0.limiter.remaining(h))
+            .min()
+    }
+}
 
 /// Who is calling.
 enum Caller<'a> {
@@ -78,6 +171,7 @@ pub struct Gateway {
     limiter: Arc<Limiter>,
     scopes: Scopes,
     metrics: Metrics,
+    router: Router,
 }
 
 impl Gateway {
@@ -107,6 +201,7 @@ impl Gateway {
             );
         }
         let scopes = Scopes::register(&config, &limiter);
+        let config_for_router = config.clone();
         Self {
             config,
             keys,
@@ -116,6 +211,7 @@ impl Gateway {
             limiter,
             scopes,
             metrics: Metrics::new(),
+            router: Router::new(&config_for_router),
         }
     }
 
@@ -175,7 +271,9 @@ impl Gateway {
             }
             ("GET", "/v1/models" | "/models") => self.models(session).await,
             ("GET", "/metrics") => {
-                let body = self.metrics.render(&self.limiter, self.scopes.all());
+                let body = self
+                    .metrics
+                    .render(&self.router, &self.limiter, self.scopes.all());
                 write_with_type(session, 200, &body, "text/plain; version=0.0.4").await;
                 Ok(())
             }
@@ -224,7 +322,6 @@ impl Gateway {
         if !caller.allows(&group.name) {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
-        let plan = Plan::new(group, &mut rand::thread_rng());
         let header_bytes = |name: &str| session.get_header(name).map(|v| v.as_bytes().to_vec());
         let (accept, user_agent, openai_beta) = (
             header_bytes("accept"),
@@ -243,35 +340,41 @@ impl Gateway {
                     .max_tokens()
                     .unwrap_or(self.config.limits.default_max_tokens),
             };
-        let key_scopes: &[LimitHandle] = match caller {
-            Caller::Key(_, i) => self.scopes.key(i, &group.name),
-            Caller::Admin => &[],
+        let budget = GatewayBudget(self);
+        // Seeded per request: the chain's rng lives across awaits, which `ThreadRng` may not.
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(rand::random());
+        let Some(mut chain) = self.router.chain(
+            &group.name,
+            request.prompt_tokens_estimate(),
+            &budget,
+            &mut rng,
+        ) else {
+            return Err(Rejection::UnknownModel(group.name.clone()));
         };
-        let candidates = plan.candidates();
-        let mut last_failure = None;
-        let mut limited: Option<sluice_ratelimit::Rejected> = None;
-        for (i, deployment) in candidates.iter().enumerate() {
+        let mut outcome = ChainOutcome::default();
+        while let Some(candidate) = chain.next() {
+            let deployment = candidate.deployment;
             let Some(upstream) = self.upstreams.get(&deployment.id) else {
                 continue;
             };
-            let is_last = i + 1 == candidates.len();
             // Shape first: a body this deployment refuses to take is the client's error.
             let shaped = request
                 .shape(&deployment.upstream_model, &upstream.policy)
                 .map_err(Rejection::BadRequest)?;
             // Look before leaping: reserve budget on every scope this candidate touches.
+            let key_scopes: &[LimitHandle] = match caller {
+                Caller::Key(_, i) => self.scopes.key(i, candidate.group),
+                Caller::Admin => &[],
+            };
             let handles: Vec<&LimitHandle> = key_scopes
                 .iter()
                 .chain(self.scopes.deployment(&deployment.id))
                 .collect();
             let costs: Vec<(&LimitHandle, u64)> = handles
                 .iter()
-                .map(|h| {
-                    let cost = match h.spec().kind {
-                        Kind::Tokens => tokens,
-                        Kind::Requests => 1,
-                    };
-                    (*h, cost)
+                .map(|h| match h.spec().kind {
+                    Kind::Tokens => (*h, tokens),
+                    Kind::Requests => (*h, 1),
                 })
                 .collect();
             let admitted = match self.limiter.try_admit(&costs) {
@@ -286,29 +389,30 @@ impl Gateway {
                         deployment.id,
                         r.limit
                     );
-                    let key_scope = r.limit.starts_with("key:");
-                    self.metrics.rejected(if key_scope {
+                    let key_wide = self.scopes.is_key_wide(&r.limit);
+                    self.metrics.rejected(if r.limit.starts_with("key:") {
                         ScopeKind::Key
                     } else {
                         ScopeKind::Deployment
                     });
-                    if limited
-                        .as_ref()
-                        .is_none_or(|l| r.retry_after < l.retry_after)
-                    {
-                        limited = Some(r);
-                    }
-                    if key_scope {
+                    outcome.limited(r);
+                    if key_wide {
                         break; // the caller's own budget: no other deployment helps
                     }
                     continue;
                 }
             };
-            // Counted per body actually sent.
             for d in &shaped.dropped {
                 self.metrics.dropped_field(endpoint, d.label);
             }
-            let deadline = Instant::now() + deployment.timeout;
+            if candidate.reason != Reason::Primary {
+                self.metrics
+                    .fallback(chain.primary(), candidate.group, candidate.reason);
+            }
+            chain.attempted();
+            let _busy = self.router.start(&deployment.id);
+            let deadline = (Instant::now() + deployment.timeout).min(chain.deadline());
+            let sent_at = Instant::now();
             let exchange = upstream
                 .send(
                     &self.connector,
@@ -322,7 +426,8 @@ impl Gateway {
                 Ok(x) => x,
                 Err(failure) => {
                     log::warn!("deployment {}: {failure}", deployment.id);
-                    last_failure = Some(failure);
+                    self.router.record_failure(&deployment.id, None);
+                    outcome.failure = Some(failure);
                     continue; // `admitted` is released: nothing was served
                 }
             };
@@ -330,36 +435,129 @@ impl Gateway {
                 .session
                 .response_header()
                 .map_or(502, |h| h.status.as_u16());
-            if retryable(status) && !is_last {
-                log::info!(
-                    "deployment {} answered {status}; trying the next",
-                    deployment.id
-                );
-                upstream.discard(&self.connector, exchange, deadline).await;
+            if (200..300).contains(&status) {
+                self.router
+                    .record_success(&deployment.id, sent_at.elapsed());
+                let rate = RateHeaders::of(&self.limiter, &handles);
+                self.relay(
+                    session,
+                    upstream,
+                    exchange,
+                    admitted,
+                    shaped.injected_usage,
+                    rate,
+                )
+                .await;
+                return Ok(());
+            }
+            // An error answer: read it (it is small) to decide whether the next candidate
+            // should have the request, keeping it to pass on if none does.
+            let Some(error) = upstream
+                .read_error(&self.connector, exchange, deadline)
+                .await
+            else {
+                self.router.record_failure(&deployment.id, None);
+                outcome.failure = Some(Failure::Protocol("unreadable error answer".into()));
                 continue;
+            };
+            let kind = classify_error(status, &error.body);
+            log::info!("deployment {} answered {status} ({kind:?})", deployment.id);
+            match kind {
+                UpstreamError::RateLimited => {
+                    let ra = sluice_router::retry_after(|h| error.header(h));
+                    self.router.record_rate_limited(&deployment.id, ra);
+                }
+                UpstreamError::Failing => {
+                    self.router.record_failure(&deployment.id, None);
+                }
+                UpstreamError::ContextLength => {
+                    chain.escalate(Reason::ContextWindow, &budget, &mut rng);
+                }
+                UpstreamError::ContentPolicy => {
+                    chain.escalate(Reason::ContentPolicy, &budget, &mut rng);
+                }
+                UpstreamError::Client => {
+                    // The request itself is wrong: no other deployment will take it either.
+                    admitted.settle(0);
+                    self.write_upstream_error(session, &deployment.id, &error)
+                        .await;
+                    return Ok(());
+                }
             }
-            let rate = RateHeaders::of(&self.limiter, &handles);
-            self.relay(
-                session,
-                upstream,
-                exchange,
-                admitted,
-                shaped.injected_usage,
-                rate,
-            )
-            .await;
-            return Ok(());
+            outcome.answer = Some((deployment.id.clone(), error));
         }
-        if let Some(r) = limited {
-            if last_failure.is_none() {
+        for (id, skip) in &chain.skipped {
+            if *skip == Skip::Cooldown {
+                if let Some(left) = self.router.cooldown(id) {
+                    outcome.cooling(left);
+                }
+            }
+        }
+        match outcome {
+            ChainOutcome {
+                answer: Some((id, error)),
+                ..
+            } => {
+                self.write_upstream_error(session, &id, &error).await;
+                Ok(())
+            }
+            ChainOutcome {
+                failure: Some(Failure::Timeout),
+                ..
+            } => Err(Rejection::UpstreamTimeout),
+            ChainOutcome {
+                failure: Some(_), ..
+            } => Err(Rejection::UpstreamUnreachable),
+            ChainOutcome {
+                limited: Some(r), ..
+            } => {
                 let rate = self.scopes.rate_headers_for(&self.limiter, &r.limit);
-                return Err(Rejection::RateLimited(r, rate));
+                Err(Rejection::RateLimited(r, rate))
             }
+            ChainOutcome {
+                cooldown: Some(left),
+                ..
+            } => Err(Rejection::RateLimited(
+                sluice_ratelimit::Rejected {
+                    limit: format!(
+                        "model group {} (every deployment is cooling down)",
+                        group.name
+                    ),
+                    retry_after: left,
+                },
+                RateHeaders::default(),
+            )),
+            ChainOutcome { .. } => Err(Rejection::BadRequest(sluice_openai::ParseError::Invalid {
+                field: "messages",
+                why: "the prompt is longer than every deployment of this model accepts",
+            })),
         }
-        Err(match last_failure {
-            Some(Failure::Timeout) => Rejection::UpstreamTimeout,
-            _ => Rejection::UpstreamUnreachable,
-        })
+    }
+
+    /// Passes an upstream's (buffered) error answer on to the client.
+    async fn write_upstream_error(
+        &self,
+        session: &mut ServerSession,
+        id: &str,
+        error: &UpstreamAnswer,
+    ) {
+        let extra = |resp: &mut ResponseHeader| {
+            for (name, value) in &error.header.headers {
+                if !HOP_BY_HOP.contains(name)
+                    && name != header::CONTENT_LENGTH
+                    && name != header::CONTENT_TYPE
+                {
+                    let _ = resp.append_header(name.clone(), value.clone());
+                }
+            }
+            if let Some(ct) = error.header.headers.get(header::CONTENT_TYPE) {
+                let _ = resp.insert_header(header::CONTENT_TYPE, ct.clone());
+            }
+            if self.config.server.deployment_header {
+                let _ = resp.insert_header("x-sluice-deployment", id);
+            }
+        };
+        write_body_with(session, error.header.status.as_u16(), &error.body, extra).await;
     }
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
@@ -432,7 +630,24 @@ impl Gateway {
                         "deployment {}: response broke off: {e}",
                         upstream.deployment.id
                     );
-                    // Headers are out; the only honest signal left is to cut the connection.
+                    self.router.record_failure(&upstream.deployment.id, None);
+                    if sse {
+                        // Headers and some events are out: no retry now. End the stream
+                        // with an error event clients can read.
+                        let event = format!(
+                            "data: {}\n\n",
+                            String::from_utf8_lossy(
+                                &sluice_openai::ErrorBody::new(
+                                    sluice_openai::ErrorType::Api,
+                                    Some("upstream_stream_broken"),
+                                    "The upstream stream broke off",
+                                )
+                                .to_json()
+                            )
+                        );
+                        let _ = session.write_response_body(Bytes::from(event), true).await;
+                    }
+                    // A JSON body cannot be mended: cutting the connection is the honest signal.
                     session.set_keepalive(None);
                     return;
                 }

@@ -100,6 +100,12 @@ impl Scopes {
         self.by_id.values()
     }
 
+    /// Whether `id` is a key's own limit (not a per-model one): when it refuses, no other
+    /// deployment or group can serve the request.
+    pub fn is_key_wide(&self, id: &str) -> bool {
+        id.starts_with("key:") && id.matches(':').count() == 2
+    }
+
     /// The limit named `id`.
     pub fn handle(&self, id: &str) -> Option<LimitHandle> {
         self.by_id.get(id).cloned()

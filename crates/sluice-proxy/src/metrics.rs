@@ -19,6 +19,10 @@ pub struct Metrics {
     claims: IntGauge,
     rejections: IntCounterVec,
     dropped_fields: IntCounterVec,
+    fallbacks: IntCounterVec,
+    deployment_state: IntGaugeVec,
+    cooldowns: IntCounterVec,
+    cooldowns_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Which kind of scope refused a request (`sluice_ratelimit_rejections_total{scope_kind}`).
@@ -83,6 +87,27 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(dropped_fields.clone()))
             .expect("unique metric");
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let fallbacks = counter_vec(
+            "sluice_fallbacks_total",
+            "Attempts on a fallback group, by requested group, fallback group and reason",
+            &["from", "to", "reason"],
+        );
+        let cooldowns = counter_vec(
+            "sluice_deployment_cooldowns_total",
+            "Times a deployment was cooled down",
+            &["deployment"],
+        );
+        let deployment_state = gauge_vec(
+            r,
+            "sluice_deployment_state",
+            "0 healthy, 1 cooling down",
+            &["deployment"],
+        );
         let build = gauge_vec(r, "sluice_build_info", "Build information", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Self {
@@ -118,6 +143,10 @@ impl Metrics {
             claims: gauge("sluice_ratelimit_claims", "Ledger claims made since start"),
             rejections,
             dropped_fields,
+            fallbacks,
+            deployment_state,
+            cooldowns,
+            cooldowns_seen: std::sync::Mutex::default(),
             registry,
         }
     }
@@ -134,9 +163,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an attempt on a fallback group.
+    pub fn fallback(&self, from: &str, to: &str, reason: sluice_router::Reason) {
+        self.fallbacks
+            .with_label_values(&[from, to, reason.as_str()])
+            .inc();
+    }
+
     /// The text exposition, with state read from `limiter` for `limits`.
     pub fn render<'a>(
         &self,
+        router: &sluice_router::Router,
         limiter: &Limiter,
         limits: impl Iterator<Item = &'a LimitHandle>,
     ) -> Vec<u8> {
@@ -165,6 +202,18 @@ impl Metrics {
             .set(i64::from(current == Mode::Global && limiter.ready()));
         self.claims
             .set(i64::try_from(limiter.claims()).unwrap_or(i64::MAX));
+        if let Ok(mut seen) = self.cooldowns_seen.lock() {
+            for id in router.deployments() {
+                self.deployment_state
+                    .with_label_values(&[id])
+                    .set(i64::from(router.cooldown(id).is_some()));
+                let now = router.cooldowns(id);
+                let before = seen.insert(id.to_owned(), now).unwrap_or(0);
+                self.cooldowns
+                    .with_label_values(&[id])
+                    .inc_by(now.saturating_sub(before));
+            }
+        }
         let mut out = Vec::with_capacity(4096);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out

@@ -63,6 +63,25 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// An error answer read whole (bounded), to inspect and maybe pass on.
+pub struct UpstreamAnswer {
+    /// Status and headers.
+    pub header: pingora_http::ResponseHeader,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl UpstreamAnswer {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.header
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
 /// A response header received; the body is still to be read from `session`.
 pub struct Exchange {
     /// The live client session (owns the connection).
@@ -84,6 +103,15 @@ impl Upstream {
         } else {
             format!("{host}:{}", b.port)
         };
+        for f in &deployment.extra_allowed_fields {
+            if sluice_openai::filter::is_internal(f) {
+                log::warn!(
+                    "deployment {}: extra_allowed_fields lists `{f}`, an internal field; \
+                     it is never forwarded",
+                    deployment.id
+                );
+            }
+        }
         let policy = FieldPolicy {
             // `openai/` means OpenAI's own API semantics, also for compatible servers.
             openai: deployment.provider == Provider::OpenAi,
@@ -236,23 +264,35 @@ impl Upstream {
         }
     }
 
-    /// Reads and discards a (small) error body so the connection can be pooled, then
-    /// releases it. Large or slow bodies just close the connection.
-    pub async fn discard(&self, connector: &Connector, mut exchange: Exchange, deadline: Instant) {
-        let drained = timeout_at(deadline, async {
-            let mut seen = 0;
-            while let Ok(Some(chunk)) = exchange.session.read_response_body().await {
-                seen += chunk.len();
-                if seen > DRAIN_LIMIT {
-                    return false;
+    /// Reads a (small) error answer whole, returning the connection to the pool. `None` when
+    /// it is larger than [`DRAIN_LIMIT`], broken, or slower than `deadline`.
+    pub async fn read_error(
+        &self,
+        connector: &Connector,
+        mut exchange: Exchange,
+        deadline: Instant,
+    ) -> Option<UpstreamAnswer> {
+        let header = exchange.session.response_header()?.clone();
+        let body = timeout_at(deadline, async {
+            let mut body = bytes::BytesMut::new();
+            loop {
+                match exchange.session.read_response_body().await {
+                    Ok(Some(chunk)) => {
+                        if body.len() + chunk.len() > DRAIN_LIMIT {
+                            return None;
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                    Ok(None) => return Some(body.freeze()),
+                    Err(_) => return None,
                 }
             }
-            true
         })
-        .await;
-        if drained == Ok(true) {
-            self.release(connector, exchange).await;
-        }
+        .await
+        .ok()
+        .flatten()?;
+        self.release(connector, exchange).await;
+        Some(UpstreamAnswer { header, body })
     }
 }
 
