@@ -7,6 +7,7 @@
 mod common;
 mod config_files;
 mod errors;
+mod fallbacks;
 mod filter;
 mod limits;
 mod mock;

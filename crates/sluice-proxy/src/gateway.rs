@@ -220,6 +220,11 @@ impl Gateway {
         &self.limiter
     }
 
+    /// How long deployment `id` still cools down, if it does.
+    pub fn cooldown(&self, id: &str) -> Option<Duration> {
+        self.router.cooldown(id)
+    }
+
     /// The limit named `id` (`deployment:<id>:tpm`, `key:<alias>:rpm`, …), if configured.
     pub fn limiter_handle(&self, id: &str) -> Option<LimitHandle> {
         self.scopes.handle(id)
@@ -389,6 +394,7 @@ impl Gateway {
                         deployment.id,
                         r.limit
                     );
+                    self.metrics.skipped(&deployment.id, "budget");
                     let key_wide = self.scopes.is_key_wide(&r.limit);
                     self.metrics.rejected(if r.limit.starts_with("key:") {
                         ScopeKind::Key
@@ -436,6 +442,7 @@ impl Gateway {
                 .response_header()
                 .map_or(502, |h| h.status.as_u16());
             if (200..300).contains(&status) {
+                self.note_skips(&chain.skipped, &mut ChainOutcome::default());
                 self.router
                     .record_success(&deployment.id, sent_at.elapsed());
                 let rate = RateHeaders::of(&self.limiter, &handles);
@@ -486,13 +493,7 @@ impl Gateway {
             }
             outcome.answer = Some((deployment.id.clone(), error));
         }
-        for (id, skip) in &chain.skipped {
-            if *skip == Skip::Cooldown {
-                if let Some(left) = self.router.cooldown(id) {
-                    outcome.cooling(left);
-                }
-            }
-        }
+        self.note_skips(&chain.skipped, &mut outcome);
         match outcome {
             ChainOutcome {
                 answer: Some((id, error)),
@@ -531,6 +532,21 @@ impl Gateway {
                 field: "messages",
                 why: "the prompt is longer than every deployment of this model accepts",
             })),
+        }
+    }
+
+    /// Counts the candidates a chain passed over, and notes the cooldowns among them.
+    fn note_skips(&self, skipped: &[(&str, Skip)], outcome: &mut ChainOutcome) {
+        for (id, skip) in skipped {
+            match skip {
+                Skip::Cooldown => {
+                    self.metrics.skipped(id, "cooldown");
+                    if let Some(left) = self.router.cooldown(id) {
+                        outcome.cooling(left);
+                    }
+                }
+                Skip::ContextWindow => self.metrics.skipped(id, "context_window"),
+            }
         }
     }
 

@@ -20,6 +20,7 @@ pub struct Metrics {
     rejections: IntCounterVec,
     dropped_fields: IntCounterVec,
     fallbacks: IntCounterVec,
+    skips: IntCounterVec,
     deployment_state: IntGaugeVec,
     cooldowns: IntCounterVec,
     cooldowns_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -97,6 +98,11 @@ impl Metrics {
             "Attempts on a fallback group, by requested group, fallback group and reason",
             &["from", "to", "reason"],
         );
+        let skips = counter_vec(
+            "sluice_skips_total",
+            "Candidates passed over before anything was sent, by reason (cooldown, budget, context_window)",
+            &["deployment", "reason"],
+        );
         let cooldowns = counter_vec(
             "sluice_deployment_cooldowns_total",
             "Times a deployment was cooled down",
@@ -144,6 +150,7 @@ impl Metrics {
             rejections,
             dropped_fields,
             fallbacks,
+            skips,
             deployment_state,
             cooldowns,
             cooldowns_seen: std::sync::Mutex::default(),
@@ -168,6 +175,11 @@ impl Metrics {
         self.fallbacks
             .with_label_values(&[from, to, reason.as_str()])
             .inc();
+    }
+
+    /// Counts a candidate passed over; `reason` is `cooldown`, `budget` or `context_window`.
+    pub fn skipped(&self, deployment: &str, reason: &'static str) {
+        self.skips.with_label_values(&[deployment, reason]).inc();
     }
 
     /// The text exposition, with state read from `limiter` for `limits`.

@@ -43,6 +43,11 @@ pub struct MockConfig {
     pub stream_chunks: usize,
     /// `usage.completion_tokens` reported.
     pub completion_tokens: u64,
+    /// `error.code` in forced-status answers (e.g. `context_length_exceeded`,
+    /// `content_filter`).
+    pub error_code: Option<String>,
+    /// Break the connection after the first SSE chunk, as a crashing upstream would.
+    pub stream_break: bool,
 }
 
 impl Default for MockConfig {
@@ -58,6 +63,8 @@ impl Default for MockConfig {
             stream_pause: Duration::ZERO,
             stream_chunks: 3,
             completion_tokens: 7,
+            error_code: None,
+            stream_break: false,
         }
     }
 }
@@ -184,10 +191,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+type Body = BoxBody<Bytes, std::io::Error>;
 
 fn full(status: StatusCode, body: Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -202,9 +213,19 @@ fn error(
     message: &str,
     retry_after: Option<u64>,
 ) -> Response<Body> {
+    error_with_code(status, kind, message, retry_after, None)
+}
+
+fn error_with_code(
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+    retry_after: Option<u64>,
+    code: Option<&str>,
+) -> Response<Body> {
     let mut r = full(
         status,
-        json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+        json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
     );
     if let Some(s) = retry_after {
         r.headers_mut().insert(http::header::RETRY_AFTER, s.into());
@@ -325,11 +346,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         } else {
             "server_error"
         };
-        return Ok(error(
+        return Ok(error_with_code(
             status,
             kind,
             "forced by the mock",
             config.retry_after,
+            config.error_code.as_deref(),
         ));
     }
     if let Some(expected) = &config.api_key {
@@ -480,9 +502,10 @@ fn sse(
     include_usage: bool,
     config: &MockConfig,
 ) -> Response<Body> {
-    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(4);
     let chunks = config.stream_chunks.max(1);
     let pause = config.stream_pause;
+    let stream_break = config.stream_break;
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| match kind {
             Kind::Chat => json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
@@ -523,6 +546,11 @@ fn sse(
             }
             if i == 0 && !pause.is_zero() {
                 tokio::time::sleep(pause).await;
+            }
+            if i == 0 && stream_break {
+                // The body errors: hyper cuts the connection mid-stream.
+                tx.abort(std::io::Error::other("upstream crashed"));
+                return;
             }
         }
         let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
