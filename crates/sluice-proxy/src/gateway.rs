@@ -19,6 +19,7 @@ use sluice_ratelimit::{Admitted, Kind, LimitHandle, Limiter};
 use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
+use crate::access::Access;
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, ScopeKind};
 use crate::reject::Rejection;
@@ -286,18 +287,32 @@ impl Gateway {
                 Err(Rejection::MethodNotAllowed)
             }
             _ => match Endpoint::from_path(&path) {
-                Some(endpoint) if method == http::Method::POST => self.api(session, endpoint).await,
+                Some(endpoint) if method == http::Method::POST => {
+                    let id = session
+                        .get_header("x-request-id")
+                        .map(|v| v.as_bytes().to_vec());
+                    let mut access = Access::start(method.as_str(), &path, id.as_deref());
+                    let result = self.api(session, endpoint, &mut access).await;
+                    if let Err(rejection) = &result {
+                        respond_error(session, rejection).await;
+                    }
+                    let status = session.response_written().map_or(0, |h| h.status.as_u16());
+                    access.finish(status);
+                    result.map_err(|_| Rejection::AlreadyAnswered)
+                }
                 Some(_) => Err(Rejection::MethodNotAllowed),
                 None => Err(Rejection::NotFound),
             },
         };
         if let Err(rejection) = result {
-            log::debug!(
-                "{method} {path}: {} ({})",
-                rejection.status(),
-                rejection.as_str()
-            );
-            respond_error(session, &rejection).await;
+            if !matches!(rejection, Rejection::AlreadyAnswered) {
+                log::debug!(
+                    "{method} {path}: {} ({})",
+                    rejection.status(),
+                    rejection.as_str()
+                );
+                respond_error(session, &rejection).await;
+            }
         }
     }
 
@@ -316,14 +331,24 @@ impl Gateway {
     }
 
     /// An OpenAI API call: the whole path of DESIGN.md §1.
-    async fn api(&self, session: &mut ServerSession, endpoint: Endpoint) -> Result<(), Rejection> {
+    async fn api(
+        &self,
+        session: &mut ServerSession,
+        endpoint: Endpoint,
+        access: &mut Access,
+    ) -> Result<(), Rejection> {
         let caller = self.authenticate(session)?;
+        access.key = match caller {
+            Caller::Admin => Some("master".to_owned()),
+            Caller::Key(k, _) => Some(k.alias.clone()),
+        };
         let body = read_body(session, self.config.server.max_body_bytes).await?;
         let request = Request::parse(endpoint, body).map_err(Rejection::BadRequest)?;
         let group = self
             .config
             .group(request.model())
             .ok_or_else(|| Rejection::UnknownModel(request.model().to_owned()))?;
+        access.group = Some(group.name.clone());
         if !caller.allows(&group.name) {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
@@ -395,6 +420,7 @@ impl Gateway {
                         r.limit
                     );
                     self.metrics.skipped(&deployment.id, "budget");
+                    access.skipped(&deployment.id, "budget");
                     let key_wide = self.scopes.is_key_wide(&r.limit);
                     self.metrics.rejected(if r.limit.starts_with("key:") {
                         ScopeKind::Key
@@ -432,6 +458,14 @@ impl Gateway {
                 Ok(x) => x,
                 Err(failure) => {
                     log::warn!("deployment {}: {failure}", deployment.id);
+                    access.tried(
+                        &deployment.id,
+                        match failure {
+                            Failure::Connect(_) => "connect_error",
+                            Failure::Timeout => "timeout",
+                            Failure::Protocol(_) => "broken",
+                        },
+                    );
                     self.router.record_failure(&deployment.id, None);
                     outcome.failure = Some(failure);
                     continue; // `admitted` is released: nothing was served
@@ -441,8 +475,9 @@ impl Gateway {
                 .session
                 .response_header()
                 .map_or(502, |h| h.status.as_u16());
+            access.tried(&deployment.id, format!("http_{status}"));
             if (200..300).contains(&status) {
-                self.note_skips(&chain.skipped, &mut ChainOutcome::default());
+                self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
                 self.router
                     .record_success(&deployment.id, sent_at.elapsed());
                 let rate = RateHeaders::of(&self.limiter, &handles);
@@ -493,7 +528,7 @@ impl Gateway {
             }
             outcome.answer = Some((deployment.id.clone(), error));
         }
-        self.note_skips(&chain.skipped, &mut outcome);
+        self.note_skips(&chain.skipped, &mut outcome, access);
         match outcome {
             ChainOutcome {
                 answer: Some((id, error)),
@@ -536,8 +571,20 @@ impl Gateway {
     }
 
     /// Counts the candidates a chain passed over, and notes the cooldowns among them.
-    fn note_skips(&self, skipped: &[(&str, Skip)], outcome: &mut ChainOutcome) {
+    fn note_skips(
+        &self,
+        skipped: &[(&str, Skip)],
+        outcome: &mut ChainOutcome,
+        access: &mut Access,
+    ) {
         for (id, skip) in skipped {
+            access.skipped(
+                id,
+                match skip {
+                    Skip::Cooldown => "cooldown",
+                    Skip::ContextWindow => "context_window",
+                },
+            );
             match skip {
                 Skip::Cooldown => {
                     self.metrics.skipped(id, "cooldown");

@@ -15,6 +15,7 @@
 //! [`build_server`] assembles a Pingora `Server` for a [`sluice_config::Config`]; the binary
 //! (`sluice`) and the end-to-end tests both start Sluice through it.
 
+mod access;
 mod gateway;
 mod limits;
 mod metrics;

@@ -30,6 +30,8 @@ pub enum Rejection {
     Draining,
     /// The limits have not reached their ledger yet (readiness only).
     NotReady,
+    /// The response was already written (the access log has the details).
+    AlreadyAnswered,
     /// No candidate had budget: the earliest limit to refill, and the headers to send.
     RateLimited(sluice_ratelimit::Rejected, crate::limits::RateHeaders),
 }
@@ -46,6 +48,7 @@ impl Rejection {
             Self::BadRequest(_) => 400,
             Self::UpstreamUnreachable => 502,
             Self::Draining | Self::NotReady => 503,
+            Self::AlreadyAnswered => 0,
             Self::RateLimited(..) => 429,
             Self::UpstreamTimeout => 504,
         }
@@ -66,6 +69,7 @@ impl Rejection {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Draining => "draining",
             Self::NotReady => "not_ready",
+            Self::AlreadyAnswered => "answered",
             Self::RateLimited(..) => "rate_limited",
         }
     }
@@ -133,6 +137,7 @@ impl Rejection {
                 Some("shutting_down"),
                 "The gateway is shutting down",
             ),
+            Self::AlreadyAnswered => ErrorBody::new(T::Api, None, "already answered"),
             Self::NotReady => ErrorBody::new(
                 T::Api,
                 Some("not_ready"),

@@ -1,6 +1,7 @@
-//! Limits across replicas: N real `sluice` processes sharing one real `redis-server`, in front
-//! of one mock upstream. Periods are shrunk to seconds to keep CI fast; the guarantees are the
-//! same per period (DESIGN.md §3, G1–G4).
+//! Sluice as real processes. Mostly limits across replicas: N `sluice` processes sharing one
+//! real `redis-server`, in front of one mock upstream; periods are shrunk to seconds to keep
+//! CI fast, the guarantees are the same per period (DESIGN.md §3, G1–G4). Also the access log
+//! a process writes.
 
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -26,12 +27,18 @@ struct Replica {
 
 impl Replica {
     fn spawn(config: &str, tag: &str) -> Self {
+        Self::spawn_logging(config, tag, "warn").0
+    }
+
+    /// Spawns with `RUST_LOG=log`, returning the path stderr goes to.
+    fn spawn_logging(config: &str, tag: &str, log: &str) -> (Self, PathBuf) {
         let dir = std::env::temp_dir().join(format!("sluice-replicas-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port().unwrap();
         let path: PathBuf = dir.join(format!("{tag}-{port}.yaml"));
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.join(format!("{tag}-{port}.log"))).unwrap();
+        let log_path = dir.join(format!("{tag}-{port}.log"));
+        let log_file = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args([
                 "--config",
@@ -39,12 +46,12 @@ impl Replica {
                 "--port",
                 &port.to_string(),
             ])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log_file)
             .spawn()
             .unwrap();
-        Self { child, port }
+        (Self { child, port }, log_path)
     }
 
     fn url(&self, path: &str) -> String {
@@ -535,4 +542,93 @@ async fn limits_hold_on_a_three_master_redis_cluster() {
         .collect();
     assert!(keys.contains("sluice:{deployment:m.0:rpm}:w"), "{keys}");
     assert!(keys.contains("sluice:{replicas}"), "{keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_every_attempt_and_skip_but_no_secret() {
+    let bad = MockUpstream::start(MockConfig {
+        status: Some(503),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let good = MockUpstream::start(MockConfig {
+        completion_tokens: 7,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let cfg = [
+        "model_list:".to_owned(),
+        "  - model_name: m".to_owned(),
+        format!(
+            "    litellm_params: {{model: openai/a, api_base: '{}', order: 1}}",
+            bad.base_url()
+        ),
+        "  - model_name: m".to_owned(),
+        format!(
+            "    litellm_params: {{model: openai/b, api_base: '{}', order: 2}}",
+            good.base_url()
+        ),
+        "router_settings: {allowed_fails: 0}".to_owned(),
+        "general_settings: {master_key: sk-master-secret}".to_owned(),
+        "keys: [{key: sk-team-secret, key_alias: team}]".to_owned(),
+    ]
+    .join("\n");
+    let (replica, log) = Replica::spawn_logging(&cfg, "access", "warn,sluice::access=info");
+    replica.wait_for("ready", |_| true).await;
+    for _ in 0..2 {
+        let resp = client()
+            .post(replica.url("/v1/chat/completions"))
+            .bearer_auth("sk-team-secret")
+            .header("x-request-id", "req-42")
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let _ = resp.bytes().await;
+    }
+    // The lines are written as the responses finish; wait (bounded) for both.
+    let start = Instant::now();
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| l.split_once("sluice::access] ").map(|(_, json)| json))
+            .map(|json| serde_json::from_str(json).unwrap())
+            .collect();
+        if lines.len() >= 2 {
+            assert!(!text.contains("secret"), "a key reached the log:\n{text}");
+            break lines;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no access lines in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let first = &lines[0];
+    assert_eq!(first["request_id"], "req-42");
+    assert_eq!(
+        (
+            first["key"].as_str(),
+            first["group"].as_str(),
+            first["status"].as_u64()
+        ),
+        (Some("team"), Some("m"), Some(200))
+    );
+    assert_eq!(
+        first["tried"],
+        serde_json::json!([
+            {"deployment": "m.0", "outcome": "http_503"},
+            {"deployment": "m.1", "outcome": "http_200"},
+        ])
+    );
+    // allowed_fails 0: the 503 cooled m.0 down, so the second request skipped it.
+    assert_eq!(
+        lines[1]["skipped"],
+        serde_json::json!([{"deployment": "m.0", "reason": "cooldown"}])
+    );
+    assert_eq!(lines[1]["tried"][0]["deployment"], "m.1");
 }
