@@ -77,6 +77,22 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     /// Whether responses carry `x-sluice-deployment` naming the deployment that served them.
     pub deployment_header: bool,
+    /// A separate `host:port` for `/metrics` and health; when set, the main port does not
+    /// serve `/metrics`.
+    pub admin_listen: Option<String>,
+    /// The access log's format.
+    pub access_log: AccessLog,
+}
+
+/// `server.access_log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    /// One JSON object per line (default).
+    Json,
+    /// One `key=value` line per request.
+    Text,
+    /// No access log.
+    Off,
 }
 
 /// A model group: every `model_list` entry sharing one `model_name`.

@@ -89,6 +89,8 @@ pub(crate) struct RawServer {
     pub threads: Option<usize>,
     pub grace_period: Option<f64>,
     pub deployment_header: Option<bool>,
+    pub admin_listen: Option<String>,
+    pub access_log: Option<String>,
 }
 
 /// `limits`: Sluice's rate-limit tuning.

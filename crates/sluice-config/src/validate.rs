@@ -11,9 +11,9 @@ use crate::raw::{
     LITELLM_KNOWN_KEYS, LITELLM_SECTIONS,
 };
 use crate::{
-    ApiBase, Config, ConfigError, Deployment, KeyDigest, LimitSettings, Loaded, ModelGroup,
-    OnRedisError, Problem, Provider, RedisSettings, RouterSettings, RoutingStrategy, Secret,
-    ServerSettings, VirtualKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT,
+    AccessLog, ApiBase, Config, ConfigError, Deployment, KeyDigest, LimitSettings, Loaded,
+    ModelGroup, OnRedisError, Problem, Provider, RedisSettings, RouterSettings, RoutingStrategy,
+    Secret, ServerSettings, VirtualKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT,
 };
 
 /// Top-level sections Sluice reads, for "did you mean" hints.
@@ -748,6 +748,28 @@ impl Cx<'_> {
                 .seconds(raw.grace_period, "server.grace_period")
                 .unwrap_or(Duration::from_secs(30)),
             deployment_header: raw.deployment_header.unwrap_or(true),
+            admin_listen: raw.admin_listen.filter(|a| {
+                let ok = a.parse::<std::net::SocketAddr>().is_ok();
+                if !ok {
+                    self.problem(
+                        "server.admin_listen",
+                        format!("expected host:port, got `{a}`"),
+                    );
+                }
+                ok
+            }),
+            access_log: match raw.access_log.as_deref() {
+                None | Some("json") => AccessLog::Json,
+                Some("text") => AccessLog::Text,
+                Some("off") => AccessLog::Off,
+                Some(other) => {
+                    self.problem(
+                        "server.access_log",
+                        format!("expected json, text or off, got `{other}`"),
+                    );
+                    AccessLog::Json
+                }
+            },
         }
     }
 }

@@ -5,6 +5,7 @@
 //! and the time taken. Never a key, a body or a header value other than the request id.
 
 use serde::Serialize;
+use sluice_config::AccessLog;
 use tokio::time::Instant;
 
 /// The record of one request, filled in along its path and written when it ends.
@@ -12,6 +13,9 @@ use tokio::time::Instant;
 pub struct Access {
     #[serde(skip)]
     started: Instant,
+    /// Time spent with upstreams (for the overhead metric).
+    #[serde(skip)]
+    pub upstream_time: std::time::Duration,
     /// The client's `x-request-id` (when it is a sane token), else a generated one.
     pub request_id: String,
     method: String,
@@ -64,6 +68,7 @@ impl Access {
             .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
         Self {
             started: Instant::now(),
+            upstream_time: std::time::Duration::ZERO,
             request_id,
             method: method.to_owned(),
             path: path.to_owned(),
@@ -93,12 +98,50 @@ impl Access {
         });
     }
 
-    /// Writes the line.
-    pub fn finish(mut self, status: u16) {
+    /// Writes the line in `format`.
+    pub fn finish(mut self, status: u16, format: AccessLog) {
         self.status = status;
         self.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        if let Ok(line) = serde_json::to_string(&self) {
-            log::info!(target: "sluice::access", "{line}");
+        match format {
+            AccessLog::Off => {}
+            AccessLog::Json => {
+                if let Ok(line) = serde_json::to_string(&self) {
+                    log::info!(target: "sluice::access", "{line}");
+                }
+            }
+            AccessLog::Text => {
+                let list = |items: Vec<String>| {
+                    if items.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        items.join(",")
+                    }
+                };
+                let tried = list(
+                    self.tried
+                        .iter()
+                        .map(|t| format!("{}:{}", t.deployment, t.outcome))
+                        .collect(),
+                );
+                let skipped = list(
+                    self.skipped
+                        .iter()
+                        .map(|s| format!("{}:{}", s.deployment, s.reason))
+                        .collect(),
+                );
+                log::info!(
+                    target: "sluice::access",
+                    "request_id={} key={} {} {} group={} status={} tokens={} duration_ms={:.1} tried={tried} skipped={skipped}",
+                    self.request_id,
+                    self.key.as_deref().unwrap_or("-"),
+                    self.method,
+                    self.path,
+                    self.group.as_deref().unwrap_or("-"),
+                    self.status,
+                    self.tokens.map_or_else(|| "-".to_owned(), |t| t.to_string()),
+                    self.duration_ms,
+                );
+            }
         }
     }
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::limits::{RateHeaders, Scopes};
-use crate::metrics::{Metrics, ScopeKind};
+use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream, UpstreamAnswer};
 
@@ -171,7 +171,7 @@ pub struct Gateway {
     draining: AtomicBool,
     limiter: Arc<Limiter>,
     scopes: Scopes,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     router: Router,
 }
 
@@ -202,6 +202,8 @@ impl Gateway {
             );
         }
         let scopes = Scopes::register(&config, &limiter);
+        let metrics = Arc::new(Metrics::new());
+        limiter.set_observer(metrics.clone());
         let config_for_router = config.clone();
         Self {
             config,
@@ -211,7 +213,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             limiter,
             scopes,
-            metrics: Metrics::new(),
+            metrics,
             router: Router::new(&config_for_router),
         }
     }
@@ -219,6 +221,11 @@ impl Gateway {
     /// The limiter enforcing this gateway's limits.
     pub fn limiter(&self) -> &Arc<Limiter> {
         &self.limiter
+    }
+
+    /// `server.admin_listen`, if set.
+    pub fn admin_listen(&self) -> Option<String> {
+        self.config.server.admin_listen.clone()
     }
 
     /// How long deployment `id` still cools down, if it does.
@@ -253,34 +260,24 @@ impl Gateway {
 
     /// Handles one request; the response is written to `session` (errors included).
     async fn handle(&self, session: &mut ServerSession) {
+        let started = Instant::now();
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
+        let mut route = Route::Other;
+        let mut group = "none";
+        let mut access = None;
         let result = match (method.as_str(), path.as_str()) {
-            ("GET" | "HEAD", "/health/liveness") => {
-                write_json(session, 200, br#"{"status":"ok"}"#).await;
-                Ok(())
+            ("GET" | "HEAD", "/health/liveness" | "/health/readiness") => {
+                route = Route::Health;
+                self.health(session, &path).await
             }
-            ("GET" | "HEAD", "/health/readiness") => {
-                if self.draining.load(Ordering::Relaxed) {
-                    Err(Rejection::Draining)
-                } else if !self.limiter.ready() {
-                    Err(Rejection::NotReady)
-                } else {
-                    let body = format!(
-                        r#"{{"status":"ready","limits":"{}","replicas":{}}}"#,
-                        self.limiter.mode().as_str(),
-                        self.limiter.replicas()
-                    );
-                    write_json(session, 200, body.as_bytes()).await;
-                    Ok(())
-                }
+            ("GET", "/v1/models" | "/models") => {
+                route = Route::Models;
+                self.models(session).await
             }
-            ("GET", "/v1/models" | "/models") => self.models(session).await,
-            ("GET", "/metrics") => {
-                let body = self
-                    .metrics
-                    .render(&self.router, &self.limiter, self.scopes.all());
-                write_with_type(session, 200, &body, "text/plain; version=0.0.4").await;
+            ("GET", "/metrics") if self.config.server.admin_listen.is_none() => {
+                route = Route::Metrics;
+                self.write_metrics(session).await;
                 Ok(())
             }
             (_, "/health/liveness" | "/health/readiness" | "/v1/models" | "/models") => {
@@ -288,31 +285,86 @@ impl Gateway {
             }
             _ => match Endpoint::from_path(&path) {
                 Some(endpoint) if method == http::Method::POST => {
+                    route = Route::Api(endpoint);
                     let id = session
                         .get_header("x-request-id")
                         .map(|v| v.as_bytes().to_vec());
-                    let mut access = Access::start(method.as_str(), &path, id.as_deref());
-                    let result = self.api(session, endpoint, &mut access).await;
-                    if let Err(rejection) = &result {
-                        respond_error(session, rejection).await;
-                    }
-                    let status = session.response_written().map_or(0, |h| h.status.as_u16());
-                    access.finish(status);
-                    result.map_err(|_| Rejection::AlreadyAnswered)
+                    let a = access.insert(Access::start(method.as_str(), &path, id.as_deref()));
+                    let result = self.api(session, endpoint, a).await;
+                    // Only names from the config become label values.
+                    group = a
+                        .group
+                        .as_deref()
+                        .and_then(|g| self.config.group(g))
+                        .map_or("unknown", |g| g.name.as_str());
+                    result
                 }
                 Some(_) => Err(Rejection::MethodNotAllowed),
                 None => Err(Rejection::NotFound),
             },
         };
         if let Err(rejection) = result {
-            if !matches!(rejection, Rejection::AlreadyAnswered) {
-                log::debug!(
-                    "{method} {path}: {} ({})",
-                    rejection.status(),
-                    rejection.as_str()
-                );
-                respond_error(session, &rejection).await;
+            log::debug!(
+                "{method} {path}: {} ({})",
+                rejection.status(),
+                rejection.as_str()
+            );
+            let id = access.as_ref().map(|a| a.request_id.as_str());
+            respond_error(session, &rejection, id).await;
+        }
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let took = started.elapsed();
+        self.metrics.request(route, group, status, took);
+        if let Some(a) = access {
+            self.metrics.overhead(took.saturating_sub(a.upstream_time));
+            a.finish(status, self.config.server.access_log);
+        }
+    }
+
+    /// `/health/liveness` (always 200) and `/health/readiness` (503 while draining or before
+    /// the limiter has reached its ledger).
+    async fn health(&self, session: &mut ServerSession, path: &str) -> Result<(), Rejection> {
+        if path == "/health/liveness" {
+            write_json(session, 200, br#"{"status":"ok"}"#).await;
+            return Ok(());
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Rejection::Draining);
+        }
+        if !self.limiter.ready() {
+            return Err(Rejection::NotReady);
+        }
+        let body = format!(
+            r#"{{"status":"ready","limits":"{}","replicas":{}}}"#,
+            self.limiter.mode().as_str(),
+            self.limiter.replicas()
+        );
+        write_json(session, 200, body.as_bytes()).await;
+        Ok(())
+    }
+
+    async fn write_metrics(&self, session: &mut ServerSession) {
+        let body = self
+            .metrics
+            .render(&self.router, &self.limiter, self.scopes.all());
+        write_with_type(session, 200, &body, "text/plain; version=0.0.4").await;
+    }
+
+    /// The admin listener's routes: `/metrics` and health only.
+    pub(crate) async fn handle_admin(&self, session: &mut ServerSession) {
+        let path = session.req_header().uri.path().to_owned();
+        let result = match (session.req_header().method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => {
+                self.write_metrics(session).await;
+                Ok(())
             }
+            ("GET" | "HEAD", "/health/liveness" | "/health/readiness") => {
+                self.health(session, &path).await
+            }
+            _ => Err(Rejection::NotFound),
+        };
+        if let Err(rejection) = result {
+            respond_error(session, &rejection, None).await;
         }
     }
 
@@ -358,10 +410,12 @@ impl Gateway {
             header_bytes("user-agent"),
             header_bytes("openai-beta"),
         );
+        let request_id = access.request_id.clone();
         let client_headers = ClientHeaders {
             accept: accept.as_deref(),
             user_agent: user_agent.as_deref(),
             openai_beta: openai_beta.as_deref(),
+            request_id: Some(request_id.as_bytes()),
         };
         let tokens = request.prompt_tokens_estimate()
             + match endpoint {
@@ -467,6 +521,8 @@ impl Gateway {
                         },
                     );
                     self.router.record_failure(&deployment.id, None);
+                    self.metrics.upstream(&deployment.id, 0, sent_at.elapsed());
+                    access.upstream_time += sent_at.elapsed();
                     outcome.failure = Some(failure);
                     continue; // `admitted` is released: nothing was served
                 }
@@ -488,6 +544,8 @@ impl Gateway {
                     admitted,
                     shaped.injected_usage,
                     rate,
+                    access,
+                    sent_at,
                 )
                 .await;
                 return Ok(());
@@ -499,9 +557,14 @@ impl Gateway {
                 .await
             else {
                 self.router.record_failure(&deployment.id, None);
+                self.metrics.upstream(&deployment.id, 0, sent_at.elapsed());
+                access.upstream_time += sent_at.elapsed();
                 outcome.failure = Some(Failure::Protocol("unreadable error answer".into()));
                 continue;
             };
+            self.metrics
+                .upstream(&deployment.id, status, sent_at.elapsed());
+            access.upstream_time += sent_at.elapsed();
             let kind = classify_error(status, &error.body);
             log::info!("deployment {} answered {status} ({kind:?})", deployment.id);
             match kind {
@@ -521,7 +584,7 @@ impl Gateway {
                 UpstreamError::Client => {
                     // The request itself is wrong: no other deployment will take it either.
                     admitted.settle(0);
-                    self.write_upstream_error(session, &deployment.id, &error)
+                    self.write_upstream_error(session, &deployment.id, &error, &access.request_id)
                         .await;
                     return Ok(());
                 }
@@ -534,7 +597,8 @@ impl Gateway {
                 answer: Some((id, error)),
                 ..
             } => {
-                self.write_upstream_error(session, &id, &error).await;
+                self.write_upstream_error(session, &id, &error, &access.request_id)
+                    .await;
                 Ok(())
             }
             ChainOutcome {
@@ -603,6 +667,7 @@ impl Gateway {
         session: &mut ServerSession,
         id: &str,
         error: &UpstreamAnswer,
+        request_id: &str,
     ) {
         let extra = |resp: &mut ResponseHeader| {
             for (name, value) in &error.header.headers {
@@ -619,6 +684,7 @@ impl Gateway {
             if self.config.server.deployment_header {
                 let _ = resp.insert_header("x-sluice-deployment", id);
             }
+            tag_request_id(resp, request_id);
         };
         write_body_with(session, error.header.status.as_u16(), &error.body, extra).await;
     }
@@ -633,7 +699,10 @@ impl Gateway {
         mut admitted: Admitted<'_>,
         injected_usage: bool,
         rate: RateHeaders,
+        access: &mut Access,
+        sent_at: Instant,
     ) {
+        let id = upstream.deployment.id.as_str();
         let Some(up) = exchange.session.response_header() else {
             return;
         };
@@ -654,8 +723,9 @@ impl Gateway {
             }
         }
         if self.config.server.deployment_header {
-            let _ = resp.insert_header("x-sluice-deployment", upstream.deployment.id.as_str());
+            let _ = resp.insert_header("x-sluice-deployment", id);
         }
+        tag_request_id(&mut resp, &access.request_id);
         rate.apply(&mut resp);
         if session.write_response_header(Box::new(resp)).await.is_err() {
             return; // unsent: dropping `admitted` releases it
@@ -663,9 +733,20 @@ impl Gateway {
         admitted.mark_sent();
         let mut sse_relay = sse.then(|| SseRelay::new(injected_usage));
         let mut json_copy = (!sse && ok).then(BytesMut::new);
+        let mut first = true;
+        // Whatever way the relay ends, the time with the upstream is accounted for.
+        let upstream_time = |access: &mut Access| {
+            let took = sent_at.elapsed();
+            access.upstream_time += took;
+            took
+        };
         loop {
             match exchange.session.read_response_body().await {
                 Ok(Some(chunk)) => {
+                    if first {
+                        first = false;
+                        self.metrics.ttft(id, sent_at.elapsed());
+                    }
                     let out = match sse_relay.as_mut() {
                         Some(r) => r.feed(chunk),
                         None => {
@@ -684,6 +765,7 @@ impl Gateway {
                         // session closes that connection, which cancels the generation).
                         // The estimate stays charged.
                         session.set_keepalive(None);
+                        upstream_time(access);
                         return;
                     }
                 }
@@ -712,10 +794,20 @@ impl Gateway {
                     }
                     // A JSON body cannot be mended: cutting the connection is the honest signal.
                     session.set_keepalive(None);
+                    upstream_time(access);
                     return;
                 }
             }
         }
+        let took = upstream_time(access);
+        self.metrics.upstream(
+            id,
+            exchange
+                .session
+                .response_header()
+                .map_or(0, |h| h.status.as_u16()),
+            took,
+        );
         let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
         let _ = session.write_response_body(tail, true).await;
         let usage = match (&sse_relay, &json_copy) {
@@ -723,6 +815,11 @@ impl Gateway {
             (None, Some(copy)) => sluice_openai::usage_of_json(copy),
             (None, None) => None,
         };
+        if let Some(u) = usage {
+            self.metrics
+                .tokens(id, u.prompt_tokens, u.completion_tokens);
+            access.tokens = Some(u.tokens());
+        }
         match usage {
             Some(u) => admitted.settle(u.tokens()),
             // An upstream error without usage consumed no tokens; a success without usage
@@ -807,6 +904,15 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
     }
 }
 
+/// Sets `x-request-id` on a response, keeping an upstream's own id as
+/// `x-upstream-request-id`.
+fn tag_request_id(resp: &mut ResponseHeader, id: &str) {
+    if let Some(upstream) = resp.remove_header("x-request-id") {
+        let _ = resp.insert_header("x-upstream-request-id", upstream);
+    }
+    let _ = resp.insert_header("x-request-id", id);
+}
+
 async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
     write_body_with(session, status, body, |_| {}).await;
 }
@@ -842,9 +948,16 @@ async fn write_body_with(
     }
 }
 
-async fn respond_error(session: &mut ServerSession, rejection: &Rejection) {
+async fn respond_error(
+    session: &mut ServerSession,
+    rejection: &Rejection,
+    request_id: Option<&str>,
+) {
     let body = rejection.body().to_json();
     write_body_with(session, rejection.status(), &body, |resp| {
+        if let Some(id) = request_id {
+            tag_request_id(resp, id);
+        }
         if let Rejection::RateLimited(r, rate) = rejection {
             let secs = r.retry_after.as_millis().div_ceil(1000).max(1);
             let _ = resp.insert_header(header::RETRY_AFTER, secs.to_string());

@@ -81,6 +81,11 @@ pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
     let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
     service.add_tcp(&listen.addr);
     server.add_service(service);
+    if let Some(admin) = &gateway.admin_listen() {
+        let mut admin_service = Service::new("sluice-admin".to_owned(), AdminApp(gateway.clone()));
+        admin_service.add_tcp(admin);
+        server.add_service(admin_service);
+    }
     server.add_service(background_service("sluice-limits", LimiterTask(limiter)));
     (server, gateway)
 }
@@ -143,5 +148,30 @@ impl pingora_core::apps::HttpServerApp for SharedGateway {
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::apps::ReusedHttpStream> {
         self.0.process_new_http(session, shutdown).await
+    }
+}
+
+/// The admin listener (`server.admin_listen`): `/metrics` and health, nothing else.
+struct AdminApp(Arc<Gateway>);
+
+#[async_trait::async_trait]
+impl pingora_core::apps::HttpServerApp for AdminApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: pingora_core::protocols::http::ServerSession,
+        _shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::apps::ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            _ => return None,
+        }
+        self.0.handle_admin(&mut session).await;
+        let settings = pingora_core::apps::HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some(pingora_core::apps::ReusedHttpStream::from_reusable_stream(
+                stream, settings,
+            )),
+            _ => None,
+        }
     }
 }

@@ -1,29 +1,58 @@
-//! Prometheus metrics (text format at `GET /metrics`).
+//! Prometheus metrics (text format at `GET /metrics`, or on `server.admin_listen`).
 //!
-//! Label values are bounded: limit names come from the config (`deployment:<id>:tpm`,
-//! `key:<alias>:rpm`), other labels from closed enums. Values that are state, not events
-//! (remaining budget, the overshoot bound, the limiter's mode), are read at scrape time.
+//! Label values are bounded by construction: deployment, group and limit names come from the
+//! config; routes, status classes, reasons and results are closed enums with `as_str`. A
+//! client-chosen value never becomes a label (an unknown model is `unknown`, an unknown
+//! request field is `other`). Values that are state, not events (remaining budget, the
+//! overshoot bound, modes, cooldown state), are read at scrape time.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
-use sluice_ratelimit::{LimitHandle, Limiter, Mode};
+use std::time::Duration;
 
-/// The metric families Sluice exports so far.
-pub struct Metrics {
-    registry: Registry,
-    overshoot_bound: IntGaugeVec,
-    remaining: IntGaugeVec,
-    consumed: IntGaugeVec,
-    mode: IntGaugeVec,
-    replicas: IntGauge,
-    redis_up: IntGauge,
-    claims: IntGauge,
-    rejections: IntCounterVec,
-    dropped_fields: IntCounterVec,
-    fallbacks: IntCounterVec,
-    skips: IntCounterVec,
-    deployment_state: IntGaugeVec,
-    cooldowns: IntCounterVec,
-    cooldowns_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use sluice_openai::Endpoint;
+use sluice_ratelimit::{ClaimResult, LedgerOp, LimitHandle, Limiter, Mode, Observer};
+
+/// The route a request took (`route` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// An OpenAI API endpoint.
+    Api(Endpoint),
+    /// `/v1/models`.
+    Models,
+    /// `/health/*`.
+    Health,
+    /// `/metrics`.
+    Metrics,
+    /// Anything else (404/405).
+    Other,
+}
+
+impl Route {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api(e) => e.as_str(),
+            Self::Models => "models",
+            Self::Health => "health",
+            Self::Metrics => "metrics",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// `2xx`, `4xx`, … for an HTTP status; `error` for no status at all.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
 }
 
 /// Which kind of scope refused a request (`sluice_ratelimit_rejections_total{scope_kind}`).
@@ -45,126 +74,249 @@ impl ScopeKind {
     }
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g =
-        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("{name}: {e}"));
-    r.register(Box::new(g.clone()))
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    g
+/// Buckets for whole requests and upstream calls: LLM calls run from milliseconds to minutes.
+const SLOW: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Buckets for what Sluice itself adds and for ledger claims: microseconds to a second.
+const FAST: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Every metric family Sluice exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    overhead: Histogram,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    upstream_ttft: HistogramVec,
+    tokens: IntCounterVec,
+    rejections: IntCounterVec,
+    remaining: IntGaugeVec,
+    overshoot_bound: IntGaugeVec,
+    consumed: IntGaugeVec,
+    claims: IntCounterVec,
+    claim_duration: Histogram,
+    mode: IntGaugeVec,
+    replicas: IntGauge,
+    redis_up: IntGauge,
+    redis_errors: IntCounterVec,
+    fallbacks: IntCounterVec,
+    skips: IntCounterVec,
+    deployment_state: IntGaugeVec,
+    cooldowns: IntCounterVec,
+    cooldowns_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    dropped_fields: IntCounterVec,
+}
+
+/// Registers metric definitions. They are fixed at compile time, so a failure is a
+/// programming error the tests catch, not something a request or config can cause.
+struct Reg<'a>(&'a Registry);
+
+#[allow(clippy::expect_used)]
+impl Reg<'_> {
+    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+
+    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        let m = IntGauge::new(name, help).expect("valid metric");
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+
+    fn histograms(&self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let m = HistogramVec::new(opts, labels).expect("valid metric");
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+
+    fn histogram(&self, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        let m = Histogram::with_opts(opts).expect("valid metric");
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
 }
 
 impl Metrics {
-    /// Registers every family in a fresh registry.
-    ///
-    /// # Panics
-    /// Only on a programming error in the metric definitions (a bad name or a duplicate),
-    /// which the tests exercise.
-    #[allow(clippy::expect_used)]
+    /// Registers every family in a fresh registry (one per gateway, so tests can run several).
     pub fn new() -> Self {
         let registry = Registry::new();
-        let r = &registry;
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(g.clone())).expect("unique metric");
-            g
-        };
-        let rejections = IntCounterVec::new(
-            Opts::new(
-                "sluice_ratelimit_rejections_total",
-                "Requests refused by a limit, by scope kind",
-            ),
-            &["scope_kind"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(rejections.clone()))
-            .expect("unique metric");
-        let dropped_fields = IntCounterVec::new(
-            Opts::new(
-                "sluice_filter_dropped_fields_total",
-                "Request fields the outbound allow-list left out (field: its name when known, else other)",
-            ),
-            &["endpoint", "field"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(dropped_fields.clone()))
-            .expect("unique metric");
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            r.register(Box::new(c.clone())).expect("unique metric");
-            c
-        };
-        let fallbacks = counter_vec(
-            "sluice_fallbacks_total",
-            "Attempts on a fallback group, by requested group, fallback group and reason",
-            &["from", "to", "reason"],
-        );
-        let skips = counter_vec(
-            "sluice_skips_total",
-            "Candidates passed over before anything was sent, by reason (cooldown, budget, context_window)",
-            &["deployment", "reason"],
-        );
-        let cooldowns = counter_vec(
-            "sluice_deployment_cooldowns_total",
-            "Times a deployment was cooled down",
-            &["deployment"],
-        );
-        let deployment_state = gauge_vec(
-            r,
-            "sluice_deployment_state",
-            "0 healthy, 1 cooling down",
-            &["deployment"],
-        );
-        let build = gauge_vec(r, "sluice_build_info", "Build information", &["version"]);
+        let r = Reg(&registry);
+        let build = r.gauges("sluice_build_info", "Build information", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Self {
-            overshoot_bound: gauge_vec(
-                r,
-                "sluice_ratelimit_overshoot_bound",
-                "How far a window's admitted budget may exceed the limit, summed over replicas",
-                &["scope"],
+            requests: r.counters(
+                "sluice_requests_total",
+                "Requests answered, by route, model group and status class",
+                &["route", "model_group", "status_class"],
             ),
-            remaining: gauge_vec(
-                r,
+            request_duration: r.histograms(
+                "sluice_request_duration_seconds",
+                "Time from request to the end of the answer",
+                &["route", "model_group"],
+                SLOW,
+            ),
+            overhead: r.histogram(
+                "sluice_overhead_duration_seconds",
+                "Time Sluice adds to an API request, excluding time spent with upstreams",
+                FAST,
+            ),
+            upstream_requests: r.counters(
+                "sluice_upstream_requests_total",
+                "Calls to upstream deployments, by status class (error: no answer)",
+                &["deployment", "status_class"],
+            ),
+            upstream_duration: r.histograms(
+                "sluice_upstream_duration_seconds",
+                "Time from sending to an upstream to the end of its answer",
+                &["deployment"],
+                SLOW,
+            ),
+            upstream_ttft: r.histograms(
+                "sluice_upstream_ttft_seconds",
+                "Time from sending to an upstream to the first byte of its answer's body",
+                &["deployment"],
+                SLOW,
+            ),
+            tokens: r.counters(
+                "sluice_tokens_total",
+                "Tokens upstreams reported in usage",
+                &["deployment", "kind"],
+            ),
+            rejections: r.counters(
+                "sluice_ratelimit_rejections_total",
+                "Candidates refused by a limit, by scope kind",
+                &["scope_kind"],
+            ),
+            remaining: r.gauges(
                 "sluice_ratelimit_remaining",
                 "Budget left in the window (this replica's view)",
                 &["scope"],
             ),
-            consumed: gauge_vec(
-                r,
+            overshoot_bound: r.gauges(
+                "sluice_ratelimit_overshoot_bound",
+                "How far a window's admitted budget may exceed the limit, summed over replicas",
+                &["scope"],
+            ),
+            consumed: r.gauges(
                 "sluice_ratelimit_consumed",
                 "Usage settled on this replica since start",
                 &["scope"],
             ),
-            mode: gauge_vec(
-                r,
+            claims: r.counters(
+                "sluice_ratelimit_claims_total",
+                "Ledger claims, by result",
+                &["result"],
+            ),
+            claim_duration: r.histogram(
+                "sluice_ratelimit_claim_duration_seconds",
+                "Time one ledger claim took",
+                FAST,
+            ),
+            mode: r.gauges(
                 "sluice_ratelimit_mode",
                 "1 for the mode limits are enforced in",
                 &["mode"],
             ),
-            replicas: gauge(
-                "sluice_ratelimit_replicas",
-                "Live replicas sharing the limits",
+            replicas: r.gauge("sluice_ratelimit_replicas", "Live replicas sharing the limits"),
+            redis_up: r.gauge("sluice_redis_up", "1 while the shared ledger answers"),
+            redis_errors: r.counters(
+                "sluice_redis_errors_total",
+                "Failed ledger calls, by operation",
+                &["op"],
             ),
-            redis_up: gauge("sluice_redis_up", "1 while the shared ledger answers"),
-            claims: gauge("sluice_ratelimit_claims", "Ledger claims made since start"),
-            rejections,
-            dropped_fields,
-            fallbacks,
-            skips,
-            deployment_state,
-            cooldowns,
+            fallbacks: r.counters(
+                "sluice_fallbacks_total",
+                "Attempts on a fallback group, by requested group, fallback group and reason",
+                &["from", "to", "reason"],
+            ),
+            skips: r.counters(
+                "sluice_skips_total",
+                "Candidates passed over before anything was sent (cooldown, budget, context_window)",
+                &["deployment", "reason"],
+            ),
+            deployment_state: r.gauges(
+                "sluice_deployment_state",
+                "0 healthy, 1 cooling down",
+                &["deployment"],
+            ),
+            cooldowns: r.counters(
+                "sluice_deployment_cooldowns_total",
+                "Times a deployment was cooled down",
+                &["deployment"],
+            ),
             cooldowns_seen: std::sync::Mutex::default(),
+            dropped_fields: r.counters(
+                "sluice_filter_dropped_fields_total",
+                "Request fields the outbound allow-list left out (field: its name when known, else other)",
+                &["endpoint", "field"],
+            ),
             registry,
         }
     }
 
-    /// Counts a request refused by a limit.
+    /// Counts a finished request.
+    pub fn request(&self, route: Route, group: &str, status: u16, took: Duration) {
+        self.requests
+            .with_label_values(&[route.as_str(), group, status_class(status)])
+            .inc();
+        self.request_duration
+            .with_label_values(&[route.as_str(), group])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records the time Sluice itself added to an API request.
+    pub fn overhead(&self, took: Duration) {
+        self.overhead.observe(took.as_secs_f64());
+    }
+
+    /// Counts one upstream call and how long it took (`status` 0: no answer).
+    pub fn upstream(&self, deployment: &str, status: u16, took: Duration) {
+        self.upstream_requests
+            .with_label_values(&[deployment, status_class(status)])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[deployment])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records the time to an upstream answer's first body byte.
+    pub fn ttft(&self, deployment: &str, took: Duration) {
+        self.upstream_ttft
+            .with_label_values(&[deployment])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts the tokens an upstream reported.
+    pub fn tokens(&self, deployment: &str, prompt: u64, completion: u64) {
+        self.tokens
+            .with_label_values(&[deployment, "prompt"])
+            .inc_by(prompt);
+        self.tokens
+            .with_label_values(&[deployment, "completion"])
+            .inc_by(completion);
+    }
+
+    /// Counts a candidate refused by a limit.
     pub fn rejected(&self, kind: ScopeKind) {
         self.rejections.with_label_values(&[kind.as_str()]).inc();
     }
 
     /// Counts a request field the filter left out; `field` is already a bounded label.
-    pub fn dropped_field(&self, endpoint: sluice_openai::Endpoint, field: &'static str) {
+    pub fn dropped_field(&self, endpoint: Endpoint, field: &'static str) {
         self.dropped_fields
             .with_label_values(&[endpoint.as_str(), field])
             .inc();
@@ -182,16 +334,16 @@ impl Metrics {
         self.skips.with_label_values(&[deployment, reason]).inc();
     }
 
-    /// The text exposition, with state read from `limiter` for `limits`.
+    /// The text exposition, with state read from `router`, `limiter` and its `limits`.
     pub fn render<'a>(
         &self,
         router: &sluice_router::Router,
         limiter: &Limiter,
         limits: impl Iterator<Item = &'a LimitHandle>,
     ) -> Vec<u8> {
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         for h in limits {
             let id = h.spec().id.as_str();
-            let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
             self.overshoot_bound
                 .with_label_values(&[id])
                 .set(as_i64(limiter.overshoot_bound(h)));
@@ -208,12 +360,9 @@ impl Metrics {
                 .with_label_values(&[m.as_str()])
                 .set(i64::from(m == current));
         }
-        self.replicas
-            .set(i64::try_from(limiter.replicas()).unwrap_or(i64::MAX));
+        self.replicas.set(as_i64(limiter.replicas()));
         self.redis_up
             .set(i64::from(current == Mode::Global && limiter.ready()));
-        self.claims
-            .set(i64::try_from(limiter.claims()).unwrap_or(i64::MAX));
         if let Ok(mut seen) = self.cooldowns_seen.lock() {
             for id in router.deployments() {
                 self.deployment_state
@@ -226,7 +375,7 @@ impl Metrics {
                     .inc_by(now.saturating_sub(before));
             }
         }
-        let mut out = Vec::with_capacity(4096);
+        let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
@@ -235,5 +384,16 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Observer for Metrics {
+    fn claim(&self, result: ClaimResult, took: Duration) {
+        self.claims.with_label_values(&[result.as_str()]).inc();
+        self.claim_duration.observe(took.as_secs_f64());
+    }
+
+    fn ledger_error(&self, op: LedgerOp) {
+        self.redis_errors.with_label_values(&[op.as_str()]).inc();
     }
 }

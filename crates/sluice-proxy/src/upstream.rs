@@ -40,6 +40,8 @@ pub struct ClientHeaders<'a> {
     pub user_agent: Option<&'a [u8]>,
     /// `OpenAI-Beta` (opt-in beta features).
     pub openai_beta: Option<&'a [u8]>,
+    /// Sluice's request id, so upstream logs can be matched with ours.
+    pub request_id: Option<&'a [u8]>,
 }
 
 /// Why an exchange failed before a response header arrived.
@@ -184,6 +186,9 @@ impl Upstream {
         }
         if let Some(beta) = client.openai_beta {
             req.insert_header("openai-beta", beta).map_err(bad)?;
+        }
+        if let Some(id) = client.request_id {
+            req.insert_header("x-request-id", id).map_err(bad)?;
         }
         if let Some(org) = &self.deployment.organization {
             req.insert_header("openai-organization", org.as_str())

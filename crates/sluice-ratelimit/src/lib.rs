@@ -47,6 +47,7 @@ mod redis_ledger;
 
 pub use ledger::{Grant, Ledger, LedgerError, MemoryLedger, Window};
 pub use limiter::{
-    Admitted, Kind, LimitHandle, LimitSpec, Limiter, Mode, OnRedisError, Rejected, Settings,
+    Admitted, ClaimResult, Kind, LedgerOp, LimitHandle, LimitSpec, Limiter, Mode, Observer,
+    OnRedisError, Rejected, Settings,
 };
 pub use redis_ledger::RedisLedger;

@@ -78,6 +78,59 @@ impl Mode {
     }
 }
 
+/// How a ledger claim ended (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// Budget granted.
+    Granted,
+    /// The window had too little left.
+    Denied,
+    /// The ledger could not be reached.
+    Error,
+}
+
+impl ClaimResult {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Granted => "granted",
+            Self::Denied => "denied",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// A ledger operation (for error metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerOp {
+    /// A claim.
+    Claim,
+    /// A refund.
+    Refund,
+    /// A heartbeat.
+    Heartbeat,
+}
+
+impl LedgerOp {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Refund => "refund",
+            Self::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// Receives what the limiter does with its ledger, for metrics. Calls happen off the request
+/// path's fast case (claims, refunds, heartbeats only) and must not block.
+pub trait Observer: Send + Sync {
+    /// A claim ended with `result` after `took`.
+    fn claim(&self, result: ClaimResult, took: Duration);
+    /// A ledger call failed.
+    fn ledger_error(&self, op: LedgerOp);
+}
+
 /// Tuning. The defaults fit a 60 s window; tests shrink `window` to seconds.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -218,6 +271,7 @@ pub struct Limiter {
     contacted: AtomicBool,
     health: Health,
     claims: AtomicU64,
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -247,7 +301,25 @@ impl Limiter {
                 backoff: Mutex::new(BACKOFF_MIN),
             },
             claims: AtomicU64::new(0),
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets who hears about claims and ledger errors (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn observe_claim(&self, result: ClaimResult, took: Duration) {
+        if let Some(o) = self.observer.get() {
+            o.claim(result, took);
+        }
+    }
+
+    fn observe_error(&self, op: LedgerOp) {
+        if let Some(o) = self.observer.get() {
+            o.ledger_error(op);
+        }
     }
 
     /// Registers (or finds) the limit `spec.id`. A changed `limit` replaces the old state.
@@ -443,6 +515,7 @@ impl Limiter {
     async fn ledger_claim(&self, st: &LimitState, ask: u64, min: u64) -> (Grant, Source) {
         if self.ledger_usable() {
             self.claims.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
             match self
                 .ledger
                 .claim(&st.spec.id, st.spec.limit, ask, min)
@@ -450,9 +523,19 @@ impl Limiter {
             {
                 Ok(g) => {
                     self.ledger_up();
+                    let result = if g.granted > 0 {
+                        ClaimResult::Granted
+                    } else {
+                        ClaimResult::Denied
+                    };
+                    self.observe_claim(result, started.elapsed());
                     return (g, Source::Ledger);
                 }
-                Err(e) => self.ledger_down(&e.to_string()),
+                Err(e) => {
+                    self.observe_claim(ClaimResult::Error, started.elapsed());
+                    self.observe_error(LedgerOp::Claim);
+                    self.ledger_down(&e.to_string());
+                }
             }
         }
         match self.settings.on_redis_error {
@@ -576,7 +659,10 @@ impl Limiter {
                 self.replicas.store(n.max(1), Ordering::Relaxed);
                 self.ledger_up();
             }
-            Err(e) => self.ledger_down(&e.to_string()),
+            Err(e) => {
+                self.observe_error(LedgerOp::Heartbeat);
+                self.ledger_down(&e.to_string());
+            }
         }
     }
 
@@ -637,7 +723,10 @@ impl Limiter {
                     .ledger
                     .refund(&st.spec.id, lease.slot, back as u64)
                     .await
-                    .map_err(|e| self.ledger_down(&e.to_string())),
+                    .map_err(|e| {
+                        self.observe_error(LedgerOp::Refund);
+                        self.ledger_down(&e.to_string());
+                    }),
                 Source::Fallback => self
                     .fallback
                     .refund(&st.spec.id, lease.slot, back as u64)
