@@ -144,6 +144,17 @@ impl Budget for GatewayBudget<'_> {
     }
 }
 
+/// A successful attempt, handed to the relay.
+struct Served<'a> {
+    upstream: &'a Upstream,
+    exchange: Exchange,
+    admitted: Admitted<'a>,
+    /// Sluice asked for the usage chunk: it must not reach the client.
+    injected_usage: bool,
+    rate: RateHeaders,
+    sent_at: Instant,
+}
+
 /// Who is calling.
 enum Caller<'a> {
     /// The master key, or any caller when no keys are configured.
@@ -537,17 +548,15 @@ impl Gateway {
                 self.router
                     .record_success(&deployment.id, sent_at.elapsed());
                 let rate = RateHeaders::of(&self.limiter, &handles);
-                self.relay(
-                    session,
+                let served = Served {
                     upstream,
                     exchange,
                     admitted,
-                    shaped.injected_usage,
+                    injected_usage: shaped.injected_usage,
                     rate,
-                    access,
                     sent_at,
-                )
-                .await;
+                };
+                self.relay(session, served, access).await;
                 return Ok(());
             }
             // An error answer: read it (it is small) to decide whether the next candidate
@@ -691,17 +700,15 @@ impl Gateway {
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
     /// `usage` on the way to settle the reservation.
-    async fn relay(
-        &self,
-        session: &mut ServerSession,
-        upstream: &Upstream,
-        mut exchange: Exchange,
-        mut admitted: Admitted<'_>,
-        injected_usage: bool,
-        rate: RateHeaders,
-        access: &mut Access,
-        sent_at: Instant,
-    ) {
+    async fn relay(&self, session: &mut ServerSession, served: Served<'_>, access: &mut Access) {
+        let Served {
+            upstream,
+            mut exchange,
+            mut admitted,
+            injected_usage,
+            rate,
+            sent_at,
+        } = served;
         let id = upstream.deployment.id.as_str();
         let Some(up) = exchange.session.response_header() else {
             return;
