@@ -8,6 +8,7 @@ need=()
 command -v cmake >/dev/null || need+=(cmake)            # Pingora's zlib-ng build
 command -v redis-server >/dev/null || need+=(redis-server) # tests start their own
 command -v redis-cli >/dev/null || need+=(redis-tools)     # cluster set-up in tests
+command -v promtool >/dev/null || need+=(prometheus)       # scrape test, promtool checks
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"

@@ -214,6 +214,7 @@ impl Gateway {
         }
         let scopes = Scopes::register(&config, &limiter);
         let metrics = Arc::new(Metrics::new());
+        metrics.init(&config);
         limiter.set_observer(metrics.clone());
         let config_for_router = config.clone();
         Self {

@@ -268,6 +268,72 @@ impl Metrics {
         }
     }
 
+    /// Creates, at zero, every series whose labels the config already determines, so that
+    /// each family is in the exposition (and `rate()` starts from 0) before its first event.
+    pub fn init(&self, config: &sluice_config::Config) {
+        for d in config.groups.iter().flat_map(|g| g.deployments.iter()) {
+            let id = d.id.as_str();
+            for class in ["2xx", "4xx", "5xx", "error"] {
+                self.upstream_requests.with_label_values(&[id, class]);
+            }
+            for kind in ["prompt", "completion"] {
+                self.tokens.with_label_values(&[id, kind]);
+            }
+            for reason in ["cooldown", "budget", "context_window"] {
+                self.skips.with_label_values(&[id, reason]);
+            }
+        }
+        let r = &config.router;
+        for g in &config.groups {
+            let from = g.name.as_str();
+            let tables = [
+                (sluice_router::Reason::Fallback, r.fallbacks.get(from)),
+                (
+                    sluice_router::Reason::ContextWindow,
+                    r.context_window_fallbacks.get(from),
+                ),
+                (
+                    sluice_router::Reason::ContentPolicy,
+                    r.content_policy_fallbacks.get(from),
+                ),
+            ];
+            for (reason, to) in tables {
+                for to in to.into_iter().flatten() {
+                    self.fallbacks
+                        .with_label_values(&[from, to, reason.as_str()]);
+                }
+            }
+            for to in &r.default_fallbacks {
+                self.fallbacks.with_label_values(&[
+                    from,
+                    to,
+                    sluice_router::Reason::Fallback.as_str(),
+                ]);
+            }
+        }
+        for kind in [ScopeKind::Deployment, ScopeKind::Key] {
+            self.rejections.with_label_values(&[kind.as_str()]);
+        }
+        for result in [
+            ClaimResult::Granted,
+            ClaimResult::Denied,
+            ClaimResult::Error,
+        ] {
+            self.claims.with_label_values(&[result.as_str()]);
+        }
+        for op in [LedgerOp::Claim, LedgerOp::Refund, LedgerOp::Heartbeat] {
+            self.redis_errors.with_label_values(&[op.as_str()]);
+        }
+        for e in [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+        ] {
+            self.dropped_fields
+                .with_label_values(&[e.as_str(), "other"]);
+        }
+    }
+
     /// Counts a finished request.
     pub fn request(&self, route: Route, group: &str, status: u16, took: Duration) {
         self.requests
