@@ -1,10 +1,11 @@
 //! The request path: auth → read body → parse → plan → send (with fallback) → stream back.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
@@ -131,15 +132,16 @@ impl ChainOutcome {
 }
 
 /// Remaining budget per deployment, for `usage-based-routing-v2`.
-struct GatewayBudget<'a>(&'a Gateway);
+struct GatewayBudget<'a>(&'a Ctx<'a>);
 
 impl Budget for GatewayBudget<'_> {
     fn remaining(&self, id: &str) -> Option<u64> {
         self.0
+            .st
             .scopes
             .deployment(id)
             .iter()
-            .map(|h| self.0.limiter.remaining(h))
+            .map(|h| self.0.gw.limiter.remaining(h))
             .min()
     }
 }
@@ -172,23 +174,20 @@ impl Caller<'_> {
     }
 }
 
-/// Sluice's HTTP application: owns the configuration-derived state and the upstream
-/// connection pools. One instance serves every listener thread.
-pub struct Gateway {
+/// Everything derived from one configuration. A reload builds a new one and swaps it in whole;
+/// requests already running keep the one they started with.
+pub struct State {
     config: Config,
     keys: HashMap<KeyDigest, usize>,
     upstreams: HashMap<String, Upstream>,
-    connector: Connector,
-    draining: AtomicBool,
-    limiter: Arc<Limiter>,
     scopes: Scopes,
-    metrics: Arc<Metrics>,
     router: Router,
 }
 
-impl Gateway {
-    /// Builds the state for `config`, enforcing its limits through `limiter`.
-    pub fn new(config: Config, limiter: Arc<Limiter>) -> Self {
+impl State {
+    /// Builds the state for `config`, registering its limits with `limiter` (a limit whose
+    /// spec is unchanged keeps its state: budget survives a reload).
+    fn new(config: Config, limiter: &Limiter) -> Self {
         let keys = config
             .keys
             .iter()
@@ -212,22 +211,85 @@ impl Gateway {
                  (set general_settings.master_key to require one)"
             );
         }
-        let scopes = Scopes::register(&config, &limiter);
-        let metrics = Arc::new(Metrics::new());
-        metrics.init(&config);
-        limiter.set_observer(metrics.clone());
-        let config_for_router = config.clone();
+        let scopes = Scopes::register(&config, limiter);
+        let router = Router::new(&config);
         Self {
             config,
             keys,
             upstreams,
+            scopes,
+            router,
+        }
+    }
+}
+
+/// Sluice's HTTP application. One instance serves every listener thread; what comes from the
+/// configuration sits in a swappable [`State`], what must outlive a reload (connection pools,
+/// limit state, metrics, draining) sits here.
+pub struct Gateway {
+    state: ArcSwap<State>,
+    config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    connector: Connector,
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    limiter: Arc<Limiter>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// A gateway for `config`, enforcing its limits through `limiter`.
+    pub fn new(config: Config, limiter: Arc<Limiter>) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        metrics.init(&config);
+        limiter.set_observer(metrics.clone());
+        Self {
+            state: ArcSwap::from_pointee(State::new(config, &limiter)),
+            config_path: std::sync::Mutex::new(None),
             connector: Connector::new(None),
             draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             limiter,
-            scopes,
             metrics,
-            router: Router::new(&config_for_router),
         }
+    }
+
+    /// Swaps in `config` for the requests that follow. Limits whose spec is unchanged keep
+    /// their budget; connections and metrics carry on. (Listen addresses and thread counts
+    /// take effect at the next start.)
+    pub fn reload(&self, config: Config) {
+        self.metrics.init(&config);
+        self.state
+            .store(Arc::new(State::new(config, &self.limiter)));
+        log::info!("configuration reloaded");
+    }
+
+    /// Where [`Self::reload_from_file`] reads the config from.
+    pub fn set_config_path(&self, path: Option<std::path::PathBuf>) {
+        if let Ok(mut p) = self.config_path.lock() {
+            *p = path;
+        }
+    }
+
+    /// Re-reads the config file, validates it, and swaps it in. A config that does not load
+    /// leaves the running one in place.
+    ///
+    /// # Errors
+    /// When there is no config file, it cannot be read, or it does not load (every problem).
+    pub fn reload_from_file(&self) -> Result<(), String> {
+        let path = self
+            .config_path
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .ok_or("no config file to reload from")?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let loaded = sluice_config::load(&text).map_err(|e| e.to_string())?;
+        for w in &loaded.warnings {
+            log::warn!("{}: {w}", path.display());
+        }
+        self.reload(loaded.config);
+        Ok(())
     }
 
     /// The limiter enforcing this gateway's limits.
@@ -237,17 +299,17 @@ impl Gateway {
 
     /// `server.admin_listen`, if set.
     pub fn admin_listen(&self) -> Option<String> {
-        self.config.server.admin_listen.clone()
+        self.state.load().config.server.admin_listen.clone()
     }
 
     /// How long deployment `id` still cools down, if it does.
     pub fn cooldown(&self, id: &str) -> Option<Duration> {
-        self.router.cooldown(id)
+        self.state.load().router.cooldown(id)
     }
 
     /// The limit named `id` (`deployment:<id>:tpm`, `key:<alias>:rpm`, …), if configured.
     pub fn limiter_handle(&self, id: &str) -> Option<LimitHandle> {
-        self.scopes.handle(id)
+        self.state.load().scopes.handle(id)
     }
 
     /// Marks the gateway as draining: readiness answers 503 from now on.
@@ -255,18 +317,43 @@ impl Gateway {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether it is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Requests being handled right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Handles one admin-listener request.
+    pub(crate) async fn handle_admin(&self, session: &mut ServerSession) {
+        let st = self.state.load_full();
+        Ctx { gw: self, st: &st }.handle_admin(session).await;
+    }
+}
+
+/// One request's view: the gateway and the [`State`] loaded when it started.
+struct Ctx<'a> {
+    gw: &'a Gateway,
+    st: &'a State,
+}
+
+impl Ctx<'_> {
     fn authenticate(&self, session: &ServerSession) -> Result<Caller<'_>, Rejection> {
-        if self.config.master_key.is_none() && self.config.keys.is_empty() {
+        if self.st.config.master_key.is_none() && self.st.config.keys.is_empty() {
             return Ok(Caller::Admin);
         }
         let presented = bearer(session).ok_or(Rejection::MissingKey)?;
         let digest = KeyDigest::of(presented);
-        if self.config.master_key == Some(digest) {
+        if self.st.config.master_key == Some(digest) {
             return Ok(Caller::Admin);
         }
-        self.keys
+        self.st
+            .keys
             .get(&digest)
-            .and_then(|i| self.config.keys.get(*i).map(|k| Caller::Key(k, *i)))
+            .and_then(|i| self.st.config.keys.get(*i).map(|k| Caller::Key(k, *i)))
             .ok_or(Rejection::BadKey)
     }
 
@@ -287,7 +374,8 @@ impl Gateway {
                 route = Route::Models;
                 self.models(session).await
             }
-            ("GET", "/metrics") if self.config.server.admin_listen.is_none() => {
+            ("POST", "/admin/reload") => self.admin_reload(session).await,
+            ("GET", "/metrics") if self.st.config.server.admin_listen.is_none() => {
                 route = Route::Metrics;
                 self.write_metrics(session).await;
                 Ok(())
@@ -307,7 +395,7 @@ impl Gateway {
                     group = a
                         .group
                         .as_deref()
-                        .and_then(|g| self.config.group(g))
+                        .and_then(|g| self.st.config.group(g))
                         .map_or("unknown", |g| g.name.as_str());
                     result
                 }
@@ -326,10 +414,12 @@ impl Gateway {
         }
         let status = session.response_written().map_or(0, |h| h.status.as_u16());
         let took = started.elapsed();
-        self.metrics.request(route, group, status, took);
+        self.gw.metrics.request(route, group, status, took);
         if let Some(a) = access {
-            self.metrics.overhead(took.saturating_sub(a.upstream_time));
-            a.finish(status, self.config.server.access_log);
+            self.gw
+                .metrics
+                .overhead(took.saturating_sub(a.upstream_time));
+            a.finish(status, self.st.config.server.access_log);
         }
     }
 
@@ -340,16 +430,16 @@ impl Gateway {
             write_json(session, 200, br#"{"status":"ok"}"#).await;
             return Ok(());
         }
-        if self.draining.load(Ordering::Relaxed) {
+        if self.gw.draining.load(Ordering::Relaxed) {
             return Err(Rejection::Draining);
         }
-        if !self.limiter.ready() {
+        if !self.gw.limiter.ready() {
             return Err(Rejection::NotReady);
         }
         let body = format!(
             r#"{{"status":"ready","limits":"{}","replicas":{}}}"#,
-            self.limiter.mode().as_str(),
-            self.limiter.replicas()
+            self.gw.limiter.mode().as_str(),
+            self.gw.limiter.replicas()
         );
         write_json(session, 200, body.as_bytes()).await;
         Ok(())
@@ -357,13 +447,14 @@ impl Gateway {
 
     async fn write_metrics(&self, session: &mut ServerSession) {
         let body = self
+            .gw
             .metrics
-            .render(&self.router, &self.limiter, self.scopes.all());
+            .render(&self.st.router, &self.gw.limiter, self.st.scopes.all());
         write_with_type(session, 200, &body, "text/plain; version=0.0.4").await;
     }
 
     /// The admin listener's routes: `/metrics` and health only.
-    pub(crate) async fn handle_admin(&self, session: &mut ServerSession) {
+    async fn handle_admin(&self, session: &mut ServerSession) {
         let path = session.req_header().uri.path().to_owned();
         let result = match (session.req_header().method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
@@ -380,10 +471,27 @@ impl Gateway {
         }
     }
 
+    /// `POST /admin/reload`: the master key only.
+    async fn admin_reload(&self, session: &mut ServerSession) -> Result<(), Rejection> {
+        if self.st.config.master_key.is_none() {
+            return Err(Rejection::NotFound); // no master key, no admin API
+        }
+        if !matches!(self.authenticate(session)?, Caller::Admin) {
+            return Err(Rejection::AdminOnly);
+        }
+        match self.gw.reload_from_file() {
+            Ok(()) => {
+                write_json(session, 200, br#"{"status":"reloaded"}"#).await;
+                Ok(())
+            }
+            Err(e) => Err(Rejection::ReloadRefused(e)),
+        }
+    }
+
     async fn models(&self, session: &mut ServerSession) -> Result<(), Rejection> {
         let caller = self.authenticate(session)?;
         let data: Vec<serde_json::Value> = self
-            .config
+            .st.config
             .groups
             .iter()
             .filter(|g| caller.allows(&g.name))
@@ -406,9 +514,10 @@ impl Gateway {
             Caller::Admin => Some("master".to_owned()),
             Caller::Key(k, _) => Some(k.alias.clone()),
         };
-        let body = read_body(session, self.config.server.max_body_bytes).await?;
+        let body = read_body(session, self.st.config.server.max_body_bytes).await?;
         let request = Request::parse(endpoint, body).map_err(Rejection::BadRequest)?;
         let group = self
+            .st
             .config
             .group(request.model())
             .ok_or_else(|| Rejection::UnknownModel(request.model().to_owned()))?;
@@ -434,12 +543,12 @@ impl Gateway {
                 Endpoint::Embeddings => 0,
                 _ => request
                     .max_tokens()
-                    .unwrap_or(self.config.limits.default_max_tokens),
+                    .unwrap_or(self.st.config.limits.default_max_tokens),
             };
         let budget = GatewayBudget(self);
         // Seeded per request: the chain's rng lives across awaits, which `ThreadRng` may not.
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(rand::random());
-        let Some(mut chain) = self.router.chain(
+        let Some(mut chain) = self.st.router.chain(
             &group.name,
             request.prompt_tokens_estimate(),
             &budget,
@@ -450,7 +559,7 @@ impl Gateway {
         let mut outcome = ChainOutcome::default();
         while let Some(candidate) = chain.next() {
             let deployment = candidate.deployment;
-            let Some(upstream) = self.upstreams.get(&deployment.id) else {
+            let Some(upstream) = self.st.upstreams.get(&deployment.id) else {
                 continue;
             };
             // Shape first: a body this deployment refuses to take is the client's error.
@@ -459,12 +568,12 @@ impl Gateway {
                 .map_err(Rejection::BadRequest)?;
             // Look before leaping: reserve budget on every scope this candidate touches.
             let key_scopes: &[LimitHandle] = match caller {
-                Caller::Key(_, i) => self.scopes.key(i, candidate.group),
+                Caller::Key(_, i) => self.st.scopes.key(i, candidate.group),
                 Caller::Admin => &[],
             };
             let handles: Vec<&LimitHandle> = key_scopes
                 .iter()
-                .chain(self.scopes.deployment(&deployment.id))
+                .chain(self.st.scopes.deployment(&deployment.id))
                 .collect();
             let costs: Vec<(&LimitHandle, u64)> = handles
                 .iter()
@@ -473,9 +582,9 @@ impl Gateway {
                     Kind::Requests => (*h, 1),
                 })
                 .collect();
-            let admitted = match self.limiter.try_admit(&costs) {
+            let admitted = match self.gw.limiter.try_admit(&costs) {
                 Some(a) => Ok(a),
-                None => self.limiter.admit(&costs).await,
+                None => self.gw.limiter.admit(&costs).await,
             };
             let admitted = match admitted {
                 Ok(a) => a,
@@ -485,10 +594,10 @@ impl Gateway {
                         deployment.id,
                         r.limit
                     );
-                    self.metrics.skipped(&deployment.id, "budget");
+                    self.gw.metrics.skipped(&deployment.id, "budget");
                     access.skipped(&deployment.id, "budget");
-                    let key_wide = self.scopes.is_key_wide(&r.limit);
-                    self.metrics.rejected(if r.limit.starts_with("key:") {
+                    let key_wide = self.st.scopes.is_key_wide(&r.limit);
+                    self.gw.metrics.rejected(if r.limit.starts_with("key:") {
                         ScopeKind::Key
                     } else {
                         ScopeKind::Deployment
@@ -501,19 +610,20 @@ impl Gateway {
                 }
             };
             for d in &shaped.dropped {
-                self.metrics.dropped_field(endpoint, d.label);
+                self.gw.metrics.dropped_field(endpoint, d.label);
             }
             if candidate.reason != Reason::Primary {
-                self.metrics
+                self.gw
+                    .metrics
                     .fallback(chain.primary(), candidate.group, candidate.reason);
             }
             chain.attempted();
-            let _busy = self.router.start(&deployment.id);
+            let _busy = self.st.router.start(&deployment.id);
             let deadline = (Instant::now() + deployment.timeout).min(chain.deadline());
             let sent_at = Instant::now();
             let exchange = upstream
                 .send(
-                    &self.connector,
+                    &self.gw.connector,
                     endpoint,
                     &shaped.body,
                     client_headers,
@@ -532,8 +642,10 @@ impl Gateway {
                             Failure::Protocol(_) => "broken",
                         },
                     );
-                    self.router.record_failure(&deployment.id, None);
-                    self.metrics.upstream(&deployment.id, 0, sent_at.elapsed());
+                    self.st.router.record_failure(&deployment.id, None);
+                    self.gw
+                        .metrics
+                        .upstream(&deployment.id, 0, sent_at.elapsed());
                     access.upstream_time += sent_at.elapsed();
                     outcome.failure = Some(failure);
                     continue; // `admitted` is released: nothing was served
@@ -546,9 +658,10 @@ impl Gateway {
             access.tried(&deployment.id, format!("http_{status}"));
             if (200..300).contains(&status) {
                 self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
-                self.router
+                self.st
+                    .router
                     .record_success(&deployment.id, sent_at.elapsed());
-                let rate = RateHeaders::of(&self.limiter, &handles);
+                let rate = RateHeaders::of(&self.gw.limiter, &handles);
                 let served = Served {
                     upstream,
                     exchange,
@@ -563,16 +676,19 @@ impl Gateway {
             // An error answer: read it (it is small) to decide whether the next candidate
             // should have the request, keeping it to pass on if none does.
             let Some(error) = upstream
-                .read_error(&self.connector, exchange, deadline)
+                .read_error(&self.gw.connector, exchange, deadline)
                 .await
             else {
-                self.router.record_failure(&deployment.id, None);
-                self.metrics.upstream(&deployment.id, 0, sent_at.elapsed());
+                self.st.router.record_failure(&deployment.id, None);
+                self.gw
+                    .metrics
+                    .upstream(&deployment.id, 0, sent_at.elapsed());
                 access.upstream_time += sent_at.elapsed();
                 outcome.failure = Some(Failure::Protocol("unreadable error answer".into()));
                 continue;
             };
-            self.metrics
+            self.gw
+                .metrics
                 .upstream(&deployment.id, status, sent_at.elapsed());
             access.upstream_time += sent_at.elapsed();
             let kind = classify_error(status, &error.body);
@@ -580,10 +696,10 @@ impl Gateway {
             match kind {
                 UpstreamError::RateLimited => {
                     let ra = sluice_router::retry_after(|h| error.header(h));
-                    self.router.record_rate_limited(&deployment.id, ra);
+                    self.st.router.record_rate_limited(&deployment.id, ra);
                 }
                 UpstreamError::Failing => {
-                    self.router.record_failure(&deployment.id, None);
+                    self.st.router.record_failure(&deployment.id, None);
                 }
                 UpstreamError::ContextLength => {
                     chain.escalate(Reason::ContextWindow, &budget, &mut rng);
@@ -621,7 +737,7 @@ impl Gateway {
             ChainOutcome {
                 limited: Some(r), ..
             } => {
-                let rate = self.scopes.rate_headers_for(&self.limiter, &r.limit);
+                let rate = self.st.scopes.rate_headers_for(&self.gw.limiter, &r.limit);
                 Err(Rejection::RateLimited(r, rate))
             }
             ChainOutcome {
@@ -661,12 +777,12 @@ impl Gateway {
             );
             match skip {
                 Skip::Cooldown => {
-                    self.metrics.skipped(id, "cooldown");
-                    if let Some(left) = self.router.cooldown(id) {
+                    self.gw.metrics.skipped(id, "cooldown");
+                    if let Some(left) = self.st.router.cooldown(id) {
                         outcome.cooling(left);
                     }
                 }
-                Skip::ContextWindow => self.metrics.skipped(id, "context_window"),
+                Skip::ContextWindow => self.gw.metrics.skipped(id, "context_window"),
             }
         }
     }
@@ -691,7 +807,7 @@ impl Gateway {
             if let Some(ct) = error.header.headers.get(header::CONTENT_TYPE) {
                 let _ = resp.insert_header(header::CONTENT_TYPE, ct.clone());
             }
-            if self.config.server.deployment_header {
+            if self.st.config.server.deployment_header {
                 let _ = resp.insert_header("x-sluice-deployment", id);
             }
             tag_request_id(resp, request_id);
@@ -730,7 +846,7 @@ impl Gateway {
                 let _ = resp.append_header(name.clone(), value.clone());
             }
         }
-        if self.config.server.deployment_header {
+        if self.st.config.server.deployment_header {
             let _ = resp.insert_header("x-sluice-deployment", id);
         }
         tag_request_id(&mut resp, &access.request_id);
@@ -753,7 +869,7 @@ impl Gateway {
                 Ok(Some(chunk)) => {
                     if first {
                         first = false;
-                        self.metrics.ttft(id, sent_at.elapsed());
+                        self.gw.metrics.ttft(id, sent_at.elapsed());
                     }
                     let out = match sse_relay.as_mut() {
                         Some(r) => r.feed(chunk),
@@ -783,7 +899,7 @@ impl Gateway {
                         "deployment {}: response broke off: {e}",
                         upstream.deployment.id
                     );
-                    self.router.record_failure(&upstream.deployment.id, None);
+                    self.st.router.record_failure(&upstream.deployment.id, None);
                     if sse {
                         // Headers and some events are out: no retry now. End the stream
                         // with an error event clients can read.
@@ -808,7 +924,7 @@ impl Gateway {
             }
         }
         let took = upstream_time(access);
-        self.metrics.upstream(
+        self.gw.metrics.upstream(
             id,
             exchange
                 .session
@@ -824,7 +940,8 @@ impl Gateway {
             (None, None) => None,
         };
         if let Some(u) = usage {
-            self.metrics
+            self.gw
+                .metrics
                 .tokens(id, u.prompt_tokens, u.completion_tokens);
             access.tokens = Some(u.tokens());
         }
@@ -835,7 +952,7 @@ impl Gateway {
             None if !ok => admitted.settle(0),
             None => drop(admitted),
         }
-        upstream.release(&self.connector, exchange).await;
+        upstream.release(&self.gw.connector, exchange).await;
     }
 }
 
@@ -854,7 +971,10 @@ impl HttpServerApp for Gateway {
         if *shutdown.borrow() {
             session.set_keepalive(None);
         }
-        self.handle(&mut session).await;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let st = self.state.load_full();
+        Ctx { gw: self, st: &st }.handle(&mut session).await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
             Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),

@@ -62,22 +62,59 @@ impl Listen {
     }
 }
 
+/// How the process around the gateway behaves (the binary's choices; tests use the default).
+#[derive(Debug, Clone, Default)]
+pub struct Lifecycle {
+    /// The config file, re-read on SIGHUP and `POST /admin/reload`.
+    pub config_path: Option<std::path::PathBuf>,
+    /// Exit as soon as a graceful shutdown has drained (instead of sleeping out Pingora's
+    /// whole grace period). Only for a process of its own: it calls `process::exit`.
+    pub exit_when_drained: bool,
+    /// Take the listening sockets over from a running Sluice (Pingora's upgrade socket).
+    pub upgrade: bool,
+    /// The upgrade socket's path.
+    pub upgrade_sock: Option<String>,
+}
+
 /// Builds a Pingora server running Sluice for `config` on `listen`. Run it with
 /// `Server::run` (or `run_forever`); the returned [`Gateway`] handle lets the caller flip
 /// readiness when draining.
 pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
-    let grace = config.server.grace_period.as_secs().max(1);
-    let conf = ServerConf {
+    build_server_with(config, listen, Lifecycle::default())
+}
+
+/// [`build_server`] with the process's [`Lifecycle`].
+///
+/// Shutdown (SIGTERM, or SIGQUIT for an upgrade): Pingora stops accepting at once and flips
+/// the shutdown watch; Sluice then answers readiness with 503, lets in-flight requests and
+/// streams finish for up to `server.grace_period`, refunds its leases to the ledger, and
+/// (with `exit_when_drained`) exits 0 as soon as nothing is in flight. Pingora alone would
+/// sleep out the whole grace period even when idle, and then cut what still runs.
+pub fn build_server_with(
+    config: Config,
+    listen: &Listen,
+    lifecycle: Lifecycle,
+) -> (Server, Arc<Gateway>) {
+    let grace = config.server.grace_period;
+    let mut conf = ServerConf {
         threads: listen.threads.max(1),
-        // Readiness flips at once on a shutdown signal; the listener keeps accepting for no
-        // extra time, and in-flight requests get `server.grace_period` to finish.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(grace),
+        // In-flight requests get the grace period; after it, whatever still runs is cut.
+        grace_period_seconds: Some(grace.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    if let Some(sock) = &lifecycle.upgrade_sock {
+        conf.upgrade_sock.clone_from(sock);
+    }
+    let opt = pingora_core::server::configuration::Opt {
+        upgrade: lifecycle.upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    server.bootstrap();
     let limiter = limiter_for(&config, listen.threads);
     let gateway = Arc::new(Gateway::new(config, limiter.clone()));
+    gateway.set_config_path(lifecycle.config_path.clone());
     let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
     service.add_tcp(&listen.addr);
     server.add_service(service);
@@ -87,7 +124,76 @@ pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
         server.add_service(admin_service);
     }
     server.add_service(background_service("sluice-limits", LimiterTask(limiter)));
+    server.add_service(background_service(
+        "sluice-lifecycle",
+        LifecycleTask {
+            gateway: gateway.clone(),
+            grace,
+            exit_when_drained: lifecycle.exit_when_drained,
+        },
+    ));
     (server, gateway)
+}
+
+/// Readiness to systemd, SIGHUP reloads, and the drain on shutdown.
+struct LifecycleTask {
+    gateway: Arc<Gateway>,
+    grace: std::time::Duration,
+    exit_when_drained: bool,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for LifecycleTask {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = &self.gateway;
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+        let mut told_ready = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() {
+                        break;
+                    }
+                }
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    match gw.reload_from_file() {
+                        Ok(()) => {}
+                        Err(e) => log::error!("SIGHUP: reload refused, the old config stays: {e}"),
+                    }
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                }
+                _ = tick.tick() => {
+                    if !told_ready && gw.limiter().ready() {
+                        told_ready = true;
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                    }
+                }
+            }
+        }
+        // Shutting down: the listener has stopped accepting.
+        gw.start_draining();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        let deadline = tokio::time::Instant::now() + self.grace;
+        while gw.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tick.tick().await;
+        }
+        log::info!(
+            "drained ({} request(s) still in flight); refunding leases",
+            gw.in_flight()
+        );
+        gw.limiter().release_all().await;
+        if self.exit_when_drained {
+            std::process::exit(0);
+        }
+    }
 }
 
 /// The limiter for `config`: on Redis when configured, else on the in-process ledger.

@@ -22,6 +22,13 @@ struct Cli {
     /// Port to listen on (overrides `server.port`; default 4000).
     #[arg(long)]
     port: Option<u16>,
+    /// Take the listening sockets over from the running Sluice (zero-downtime upgrade: start
+    /// the new binary with this flag, then send the old one SIGQUIT).
+    #[arg(long)]
+    upgrade: bool,
+    /// The socket the listening sockets are handed over on.
+    #[arg(long, default_value = "/tmp/sluice_upgrade.sock")]
+    upgrade_sock: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,6 +78,12 @@ fn main() -> ExitCode {
         listen.addr,
         listen.threads
     );
-    let (server, _gateway) = sluice_proxy::build_server(config, &listen);
+    let lifecycle = sluice_proxy::Lifecycle {
+        config_path: Some(cli.config.clone().into()),
+        exit_when_drained: true,
+        upgrade: cli.upgrade,
+        upgrade_sock: Some(cli.upgrade_sock.clone()),
+    };
+    let (server, _gateway) = sluice_proxy::build_server_with(config, &listen, lifecycle);
     server.run_forever()
 }

@@ -32,6 +32,10 @@ pub enum Rejection {
     NotReady,
     /// The response was already written (the access log has the details).
     AlreadyAnswered,
+    /// An admin endpoint called without the master key.
+    AdminOnly,
+    /// A reload was asked for and the new config does not load.
+    ReloadRefused(String),
     /// No candidate had budget: the earliest limit to refill, and the headers to send.
     RateLimited(sluice_ratelimit::Rejected, crate::limits::RateHeaders),
 }
@@ -43,7 +47,8 @@ impl Rejection {
             Self::NotFound | Self::UnknownModel(_) => 404,
             Self::MethodNotAllowed => 405,
             Self::MissingKey | Self::BadKey => 401,
-            Self::ModelNotAllowed(_) => 403,
+            Self::ModelNotAllowed(_) | Self::AdminOnly => 403,
+            Self::ReloadRefused(_) => 400,
             Self::TooLarge(_) => 413,
             Self::BadRequest(_) => 400,
             Self::UpstreamUnreachable => 502,
@@ -69,6 +74,8 @@ impl Rejection {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Draining => "draining",
             Self::NotReady => "not_ready",
+            Self::AdminOnly => "admin_only",
+            Self::ReloadRefused(_) => "reload_refused",
             Self::AlreadyAnswered => "answered",
             Self::RateLimited(..) => "rate_limited",
         }
@@ -138,6 +145,16 @@ impl Rejection {
                 "The gateway is shutting down",
             ),
             Self::AlreadyAnswered => ErrorBody::new(T::Api, None, "already answered"),
+            Self::AdminOnly => ErrorBody::new(
+                T::Permission,
+                Some("admin_only"),
+                "This endpoint needs the master key",
+            ),
+            Self::ReloadRefused(why) => ErrorBody::new(
+                T::InvalidRequest,
+                Some("reload_refused"),
+                format!("The new configuration was refused; the running one stays. {why}"),
+            ),
             Self::NotReady => ErrorBody::new(
                 T::Api,
                 Some("not_ready"),

@@ -632,3 +632,160 @@ async fn the_access_log_names_every_attempt_and_skip_but_no_secret() {
     );
     assert_eq!(lines[1]["tried"][0]["deployment"], "m.1");
 }
+
+/// Sends `signal` (`TERM`, `HUP`, …) to a replica.
+fn signal(replica: &Replica, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &replica.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn lifecycle_config(upstream: &str, groups: &[&str], extra: &str) -> String {
+    let mut cfg = String::from("model_list:\n");
+    for g in groups {
+        cfg.push_str(&format!(
+            "  - model_name: {g}\n    litellm_params: {{model: openai/x, api_base: '{upstream}'}}\n"
+        ));
+    }
+    cfg.push_str(extra);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
+    let pause = Duration::from_secs(2);
+    let up = MockUpstream::start(MockConfig {
+        stream_pause: pause,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let cfg = lifecycle_config(&up.base_url(), &["m"], "server: {grace_period: 20}\n");
+    let mut replica = Replica::spawn(&cfg, "term");
+    replica.wait_for("ready", |_| true).await;
+    let mut stream = client()
+        .post(replica.url("/v1/chat/completions"))
+        .body(r#"{"model":"m","stream":true,"messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let first = stream.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: {"));
+    let sent_term = Instant::now();
+    signal(&replica, "TERM");
+    // The listener closes at once: new connections are refused (bounded wait for the close).
+    let addr = format!("127.0.0.1:{}", replica.port);
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        assert!(
+            sent_term.elapsed() < Duration::from_secs(2),
+            "still accepting after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The stream in flight completes.
+    let mut rest = Vec::new();
+    while let Some(c) = stream.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.trim_end().ends_with("data: [DONE]"), "{rest}");
+    // Then the process exits 0, well before the 20 s grace period.
+    let status = loop {
+        if let Some(s) = replica.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            sent_term.elapsed() < Duration::from_secs(10),
+            "did not exit after draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("exited {status} {:?} after SIGTERM", sent_term.elapsed());
+    assert!(status.success(), "{status}");
+    assert!(
+        sent_term.elapsed() >= pause / 2,
+        "it must have waited for the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_broken_config_leaves_the_old_one_serving() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let (replica, log) =
+        Replica::spawn_logging(&lifecycle_config(&up.base_url(), &["a"], ""), "hup", "info");
+    replica.wait_for("ready", |_| true).await;
+    let pid = replica.child.id();
+    let path = std::env::temp_dir()
+        .join(format!("sluice-replicas-{}", std::process::id()))
+        .join(format!("hup-{}.yaml", replica.port));
+    let ask = |group: &'static str| {
+        client()
+            .post(replica.url("/v1/chat/completions"))
+            .body(format!(r#"{{"model":"{group}","messages":[]}}"#))
+            .send()
+    };
+    assert_eq!(ask("b").await.unwrap().status(), 404);
+    // Add group `b` and send SIGHUP: the same process serves it (bounded wait for the swap).
+    std::fs::write(&path, lifecycle_config(&up.base_url(), &["a", "b"], "")).unwrap();
+    signal(&replica, "HUP");
+    let start = Instant::now();
+    while ask("b").await.unwrap().status() != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "group b never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(replica.child.id(), pid);
+    // A broken config is refused; the old one keeps serving both groups.
+    std::fs::write(&path, "model_lsit: [\n").unwrap();
+    signal(&replica, "HUP");
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("reload refused") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no refusal logged:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ask("a").await.unwrap().status(), 200);
+    assert_eq!(ask("b").await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_reload_needs_the_master_key() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let keys = "general_settings: {master_key: sk-admin}\nkeys: [{key: sk-user}]\n";
+    let replica = Replica::spawn(&lifecycle_config(&up.base_url(), &["a"], keys), "admin");
+    replica.wait_for("ready", |_| true).await;
+    let path = std::env::temp_dir()
+        .join(format!("sluice-replicas-{}", std::process::id()))
+        .join(format!("admin-{}.yaml", replica.port));
+    std::fs::write(&path, lifecycle_config(&up.base_url(), &["a", "c"], keys)).unwrap();
+    let reload = |key: &'static str| {
+        client()
+            .post(replica.url("/admin/reload"))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(reload("sk-user").await.unwrap().status(), 403);
+    assert_eq!(reload("sk-admin").await.unwrap().status(), 200);
+    let resp = client()
+        .post(replica.url("/v1/chat/completions"))
+        .bearer_auth("sk-admin")
+        .body(r#"{"model":"c","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    std::fs::write(&path, "nope: 1\n").unwrap();
+    let refused = reload("sk-admin").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("unknown key"));
+}
