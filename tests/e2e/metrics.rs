@@ -69,15 +69,32 @@ async fn every_family_moves_with_traffic() {
         "propagated upstream"
     );
 
-    let text = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // A request is counted just after its answer went out: wait (bounded) for all six.
     let chat = r#"route="chat_completions""#;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let text = c
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_requests_total{") && l.contains(chat))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if counted >= 6.0 {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests never all counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
     for (series, want) in [
         (
             format!(r#"sluice_requests_total{{model_group="g",{chat},status_class="2xx"}}"#),

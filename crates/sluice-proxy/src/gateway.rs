@@ -146,6 +146,15 @@ impl Budget for GatewayBudget<'_> {
     }
 }
 
+/// The `usage` an answer carried, as far as it has been read.
+fn usage_so_far(sse: &Option<SseRelay>, json: &Option<BytesMut>) -> Option<sluice_openai::Usage> {
+    match (sse, json) {
+        (Some(r), _) => r.usage(),
+        (None, Some(copy)) => sluice_openai::usage_of_json(copy),
+        (None, None) => None,
+    }
+}
+
 /// A successful attempt, handed to the relay.
 struct Served<'a> {
     upstream: &'a Upstream,
@@ -787,6 +796,30 @@ impl Ctx<'_> {
         }
     }
 
+    /// Settles a reservation with the answer's `usage`, and counts its tokens.
+    fn settle(
+        &self,
+        admitted: Admitted<'_>,
+        usage: Option<sluice_openai::Usage>,
+        ok: bool,
+        id: &str,
+        access: &mut Access,
+    ) {
+        if let Some(u) = usage {
+            self.gw
+                .metrics
+                .tokens(id, u.prompt_tokens, u.completion_tokens);
+            access.tokens = Some(u.tokens());
+        }
+        match usage {
+            Some(u) => admitted.settle(u.tokens()),
+            // An upstream error without usage consumed no tokens; a success without usage
+            // keeps its estimate (dropping a sent reservation charges it).
+            None if !ok => admitted.settle(0),
+            None => drop(admitted),
+        }
+    }
+
     /// Passes an upstream's (buffered) error answer on to the client.
     async fn write_upstream_error(
         &self,
@@ -855,6 +888,7 @@ impl Ctx<'_> {
             return; // unsent: dropping `admitted` releases it
         }
         admitted.mark_sent();
+        let mut admitted = Some(admitted);
         let mut sse_relay = sse.then(|| SseRelay::new(injected_usage));
         let mut json_copy = (!sse && ok).then(BytesMut::new);
         let mut first = true;
@@ -884,6 +918,18 @@ impl Ctx<'_> {
                             chunk
                         }
                     };
+                    // Settle before the client can see the end of the answer, so its next
+                    // request finds the budget already corrected.
+                    if exchange.session.response_done() {
+                        if let Some(a) = admitted.take() {
+                            let status = exchange
+                                .session
+                                .response_header()
+                                .map_or(0, |h| h.status.as_u16());
+                            self.gw.metrics.upstream(id, status, upstream_time(access));
+                            self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
+                        }
+                    }
                     if !out.is_empty() && session.write_response_body(out, false).await.is_err() {
                         // The client went away: stop reading the upstream (dropping the
                         // session closes that connection, which cancels the generation).
@@ -923,34 +969,17 @@ impl Ctx<'_> {
                 }
             }
         }
-        let took = upstream_time(access);
-        self.gw.metrics.upstream(
-            id,
-            exchange
+        if admitted.is_some() {
+            let status = exchange
                 .session
                 .response_header()
-                .map_or(0, |h| h.status.as_u16()),
-            took,
-        );
+                .map_or(0, |h| h.status.as_u16());
+            self.gw.metrics.upstream(id, status, upstream_time(access));
+        }
         let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
         let _ = session.write_response_body(tail, true).await;
-        let usage = match (&sse_relay, &json_copy) {
-            (Some(r), _) => r.usage(),
-            (None, Some(copy)) => sluice_openai::usage_of_json(copy),
-            (None, None) => None,
-        };
-        if let Some(u) = usage {
-            self.gw
-                .metrics
-                .tokens(id, u.prompt_tokens, u.completion_tokens);
-            access.tokens = Some(u.tokens());
-        }
-        match usage {
-            Some(u) => admitted.settle(u.tokens()),
-            // An upstream error without usage consumed no tokens; a success without usage
-            // keeps its estimate (dropping a sent reservation charges it).
-            None if !ok => admitted.settle(0),
-            None => drop(admitted),
+        if let Some(a) = admitted.take() {
+            self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }
         upstream.release(&self.gw.connector, exchange).await;
     }
