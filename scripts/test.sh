@@ -9,6 +9,7 @@ command -v cmake >/dev/null || need+=(cmake)            # Pingora's zlib-ng buil
 command -v redis-server >/dev/null || need+=(redis-server) # tests start their own
 command -v redis-cli >/dev/null || need+=(redis-tools)     # cluster set-up in tests
 command -v promtool >/dev/null || need+=(prometheus)       # scrape test, promtool checks
+command -v systemd-analyze >/dev/null || need+=(systemd)  # the unit file check
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"

@@ -789,3 +789,29 @@ async fn admin_reload_needs_the_master_key() {
     assert_eq!(refused.status(), 400);
     assert!(refused.text().await.unwrap().contains("unknown key"));
 }
+
+#[test]
+fn the_systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../ops/systemd/sluice.service"
+    ))
+    .unwrap();
+    // Verify checks that ExecStart exists: point it at the binary this build made.
+    let unit = unit.replace("/usr/local/bin/sluice", env!("CARGO_BIN_EXE_sluice"));
+    let dir = std::env::temp_dir().join(format!("sluice-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("sluice.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
