@@ -163,23 +163,61 @@ async fn per_model_key_limits_apply_to_their_model_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_and_upstream_connections_survive_a_reload() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let one = format!("model_list:\n{}", deployment("m", "x", &up.base_url(), ", rpm: 2"));
+    let one = format!(
+        "model_list:\n{}",
+        deployment("m", "x", &up.base_url(), ", rpm: 2")
+    );
     let s = Sluice::start(&one).await;
     let c = client();
     for _ in 0..2 {
-        assert_eq!(c.post(s.url("/v1/chat/completions")).body(chat("m")).send().await.unwrap().status(), 200);
+        assert_eq!(
+            c.post(s.url("/v1/chat/completions"))
+                .body(chat("m"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
     }
-    assert_eq!(c.post(s.url("/v1/chat/completions")).body(chat("m")).send().await.unwrap().status(), 429);
+    assert_eq!(
+        c.post(s.url("/v1/chat/completions"))
+            .body(chat("m"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
     let connections = up.connections();
     // The same limits plus a new group.
     let two = format!("{one}{}", deployment("n", "y", &up.base_url(), ""));
-    let config = sluice_config::load_with_env(&two, &|_| None).unwrap().config;
+    let config = sluice_config::load_with_env(&two, &|_| None)
+        .unwrap()
+        .config;
     s.gateway.reload(config);
     assert_eq!(
-        c.post(s.url("/v1/chat/completions")).body(chat("m")).send().await.unwrap().status(),
+        c.post(s.url("/v1/chat/completions"))
+            .body(chat("m"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         429,
         "the window's budget was not reset by the reload"
     );
-    assert_eq!(c.post(s.url("/v1/chat/completions")).body(chat("n")).send().await.unwrap().status(), 200);
-    assert_eq!(up.connections(), connections, "the pooled upstream connection was reused");
+    assert_eq!(
+        c.post(s.url("/v1/chat/completions"))
+            .body(chat("n"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        up.connections(),
+        connections,
+        "the pooled upstream connection was reused"
+    );
 }

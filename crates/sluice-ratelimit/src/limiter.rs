@@ -404,29 +404,29 @@ impl Limiter {
         self: &Arc<Self>,
         costs: &[(&'a LimitHandle, u64)],
     ) -> Result<Admitted<'a>, Rejected> {
-        for round in 0..3 {
-            match self.take(costs) {
-                Ok(admitted) => return Ok(admitted),
-                Err(i) => {
-                    let (h, cost) = costs[i];
-                    if let Err(retry_after) = self.claim_for(&h.0, cost).await {
-                        return Err(Rejected {
-                            limit: h.0.spec.id.clone(),
-                            retry_after,
-                        });
-                    }
-                    log::trace!("limit {}: claimed on demand (round {round})", h.0.spec.id);
+        if let Ok(admitted) = self.take(costs) {
+            return Ok(admitted);
+        }
+        // Slow path, limit by limit: local budget if there is some, else a claim whose grant
+        // serves this request first (what it does not need goes to the shards). Nothing
+        // claimed on a request's behalf can be taken by another one first.
+        for (reserved, (h, cost)) in costs.iter().enumerate() {
+            let outcome = if h.0.local.try_take(*cost as i64) {
+                Ok(())
+            } else {
+                self.claim_for(&h.0, *cost, true).await
+            };
+            if let Err(retry_after) = outcome {
+                for (h, cost) in &costs[..reserved] {
+                    h.0.local.put(*cost as i64);
                 }
+                return Err(Rejected {
+                    limit: h.0.spec.id.clone(),
+                    retry_after,
+                });
             }
         }
-        // Budget was claimed but taken by concurrent requests each time.
-        Err(Rejected {
-            limit: costs
-                .first()
-                .map(|(h, _)| h.0.spec.id.clone())
-                .unwrap_or_default(),
-            retry_after: self.settings.window.period / self.settings.window.slots.max(1),
-        })
+        Ok(self.record(costs))
     }
 
     /// The hot path: reserves every cost from local budget, or nothing. Only atomics on this
@@ -437,6 +437,11 @@ impl Limiter {
 
     fn take<'a>(&self, costs: &[(&'a LimitHandle, u64)]) -> Result<Admitted<'a>, usize> {
         self.try_take_all(costs)?;
+        Ok(self.record(costs))
+    }
+
+    /// Counts an admission whose costs are already taken, and wraps it.
+    fn record<'a>(&self, costs: &[(&'a LimitHandle, u64)]) -> Admitted<'a> {
         for (h, cost) in costs {
             let st = &h.0;
             st.local.record_admission(*cost);
@@ -446,11 +451,11 @@ impl Limiter {
         }
         // Prefetching is the maintenance tick's job: checking the low-water mark here would
         // read every shard (other cores' cache lines) on every request.
-        Ok(Admitted {
+        Admitted {
             parts: costs.iter().map(|(h, c)| (&*h.0, *c)).collect(),
             sent: false,
             settled: false,
-        })
+        }
     }
 
     /// Takes every cost locally or none; on failure, the index of the limit that lacked.
@@ -474,30 +479,53 @@ impl Limiter {
         want.min(cap).max(need)
     }
 
-    /// Claims at least `need` for `st`; single-flight per limit.
-    async fn claim_for(&self, st: &Arc<LimitState>, need: u64) -> Result<(), Duration> {
+    /// Takes `need` for the caller from `st`: from local budget when a concurrent claim
+    /// filled it, else from a fresh claim (single-flight per limit) whose grant serves the
+    /// caller first, the rest going to the shards. On `Err`, nothing was taken.
+    ///
+    /// A prefetch (`for_caller` false) takes nothing: it tops the shards up to `need`.
+    async fn claim_for(
+        &self,
+        st: &Arc<LimitState>,
+        need: u64,
+        for_caller: bool,
+    ) -> Result<(), Duration> {
         st.waiting.fetch_add(1, Ordering::AcqRel);
         let _guard = st.claim_lock.lock().await;
         let queued = st.waiting.fetch_sub(1, Ordering::AcqRel).max(1);
-        let have = st.local.total();
-        if have >= need as i64 {
-            return Ok(()); // a concurrent claim filled it
-        }
-        let missing = (need as i64 - have) as u64;
+        let (have, missing) = if for_caller {
+            if st.local.try_take(need as i64) {
+                return Ok(()); // a concurrent claim filled it
+            }
+            // Use what is local, claim the rest, plus any debt (a grant repays it first).
+            let have = st.local.drain_upto(need as i64);
+            let debt = (-st.local.total()).max(0) as u64;
+            (have, need - have as u64 + debt)
+        } else {
+            let total = st.local.total();
+            if total >= need as i64 {
+                return Ok(());
+            }
+            (0, (need as i64 - total) as u64)
+        };
         // Ask for the requests queued behind this one too (within the lease cap), so a burst
         // before demand is measured costs one round trip, not one per request.
         let burst = (need * queued).min(self.max_lease(st)).max(missing);
         let ask = self.lease_size(st, missing).max(burst);
         let (grant, source) = self.ledger_claim(st, ask, missing).await;
         if grant.granted == 0 {
+            st.local.put(have);
             return Err(grant.retry_after.max(Duration::from_millis(1)));
         }
-        self.accept(st, grant, source);
+        let reserved = if for_caller { need - have as u64 } else { 0 };
+        self.accept(st, grant, source, reserved);
         Ok(())
     }
 
-    fn accept(&self, st: &LimitState, grant: Grant, source: Source) {
-        st.local.deposit(grant.granted as i64);
+    /// Takes in a grant: `reserved` of it is the caller's already, the rest goes to the shards.
+    fn accept(&self, st: &LimitState, grant: Grant, source: Source, reserved: u64) {
+        st.local
+            .deposit(grant.granted.saturating_sub(reserved) as i64);
         if source == Source::Ledger {
             st.remaining.store(grant.remaining, Ordering::Relaxed);
         }
@@ -610,7 +638,7 @@ impl Limiter {
         tokio::spawn(async move {
             let need = load_f64(&st.avg_cost).ceil().max(1.0) as u64;
             let _ = this
-                .claim_for(&st, st.local.total().max(0) as u64 + need)
+                .claim_for(&st, st.local.total().max(0) as u64 + need, false)
                 .await;
             st.prefetching.store(false, Ordering::Release);
         });

@@ -215,3 +215,42 @@ async fn the_bound_is_replicas_times_the_largest_lease() {
         "a request larger than the cap is its own lease"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_touching_many_cold_limits_is_admitted_in_one_call() {
+    let l = memory();
+    let handles: Vec<LimitHandle> = (0..6)
+        .map(|i| l.register(tokens(&format!("cold-{i}"), 1_000_000)))
+        .collect();
+    let costs: Vec<(&LimitHandle, u64)> = handles.iter().map(|h| (h, 100)).collect();
+    let a = l.admit(&costs).await.expect("every limit has budget");
+    a.settle(100);
+    for h in &handles {
+        assert_eq!(l.consumed(h), 100);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_burst_gets_no_spurious_rejection() {
+    // 64 requests hit a cold limit at once: whoever claims on demand keeps what it claimed,
+    // so nobody loses its budget to a request that arrived later.
+    let l = memory();
+    let key = l.register(tokens("k", 1_000_000_000));
+    let dep = l.register(LimitSpec {
+        id: "d:rpm".into(),
+        limit: 1_000_000_000,
+        kind: Kind::Requests,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (l, key, dep) = (l.clone(), key.clone(), dep.clone());
+        tasks.spawn(async move {
+            l.admit(&[(&key, 400), (&dep, 1)])
+                .await
+                .map(|a| a.settle(380))
+                .is_ok()
+        });
+    }
+    let admitted = tasks.join_all().await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(admitted, 64);
+}

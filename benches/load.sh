@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The load bench: Sluice with every feature on vs nginx as a plain reverse proxy vs the upstream
+# directly, all on loopback, driven by wrk. One command:
+#
+#   bash benches/load.sh            # DURATION=10 CONNS="64 256" ROUNDS=2 to change the run
+#
+# Upstream: nginx returning a fixed ~400-byte chat.completion (it costs almost nothing).
+# nginx proxy: proxy_pass with an upstream keepalive pool, as many workers as Sluice threads.
+# Sluice: a virtual key, the allow-list filter, a deployment with rpm/tpm high enough never to
+# refuse, Redis-backed limits (a real redis-server), /metrics, the JSON access log to a file.
+# Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
+# requests/s, p50 and p99, the ratio Sluice/nginx, and Sluice's peak RSS and CPU time per 10k
+# requests. Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-"64 256"}
+ROUNDS=${ROUNDS:-2}
+THREADS=${THREADS:-2}
+for tool in nginx wrk redis-server; do
+  command -v "$tool" >/dev/null || { echo "load bench: $tool is missing" >&2; exit 1; }
+done
+
+cargo build --release --locked -p sluice-proxy --bin sluice >&2
+work=$(mktemp -d /tmp/sluice-load.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UPSTREAM=$(free_port); PROXY=$(free_port); SLUICE=$(free_port); REDIS=$(free_port)
+
+# The upstream's answer: a realistic non-streamed chat completion.
+answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed answer from the load bench upstream, long enough to be realistic."},"finish_reason":"stop"}],"usage":{"prompt_tokens":350,"completion_tokens":24,"total_tokens":374}}'
+
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<EOF
+user root;
+worker_processes $THREADS;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body;
+  proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fastcgi;
+  uwsgi_temp_path $work/nginx/uwsgi;
+  scgi_temp_path $work/nginx/scgi;
+  keepalive_requests 100000;
+  upstream llm { server 127.0.0.1:$UPSTREAM; keepalive 256; }
+  server {
+    listen 127.0.0.1:$UPSTREAM;
+    client_body_buffer_size 64k;
+    location / { default_type application/json; return 200 '$answer'; }
+  }
+  server {
+    listen 127.0.0.1:$PROXY;
+    client_body_buffer_size 64k;
+    location / {
+      proxy_pass http://llm;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+
+redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no --logfile "$work/redis.log" & pids+=($!)
+
+cat > "$work/sluice.yaml" <<EOF
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params:
+      model: openai/gpt-4o-mini
+      api_base: http://127.0.0.1:$UPSTREAM/v1
+      api_key: sk-upstream
+      tpm: 10000000000
+      rpm: 1000000000
+general_settings:
+  master_key: sk-bench-admin
+keys:
+  - {key: sk-bench, key_alias: bench, tpm_limit: 10000000000, rpm_limit: 1000000000}
+router_settings:
+  redis_url: redis://127.0.0.1:$REDIS
+server:
+  host: 127.0.0.1
+  threads: $THREADS
+EOF
+RUST_LOG=warn,sluice::access=info target/release/sluice --config "$work/sluice.yaml" --port "$SLUICE" \
+  --upgrade-sock "$work/upgrade.sock" 2> "$work/access.log" & sluice_pid=$!; pids+=($sluice_pid)
+
+# A ~1.5 KB chat request, with one field the allow-list drops.
+content=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 30)[:1300])')
+body="{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"$content\"}],\"temperature\":0.2,\"max_tokens\":64,\"_client_trace\":\"x\"}"
+printf '%s' "$body" > "$work/body.json"
+cat > "$work/post.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+local f = io.open("$work/body.json", "r"); wrk.body = f:read("*a"); f:close()
+EOF
+
+for port in "$UPSTREAM" "$PROXY" "$SLUICE"; do
+  for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" -X GET 2>/dev/null && break
+    curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && [ "$port" != "$SLUICE" ] && break; sleep 0.1; done
+done
+check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE/v1/chat/completions" \
+  -H 'authorization: Bearer sk-bench' -H 'content-type: application/json' --data-binary @"$work/body.json")
+[ "$check" = 200 ] || { echo "load bench: Sluice answered $check" >&2; cat "$work/access.log" >&2; exit 1; }
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A rps p50 p99
+sluice_requests=0; sluice_ticks=0
+run() { # name port conns
+  local out; out=$(wrk -t1 -c"$3" -d"${DURATION}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/v1/chat/completions")
+  local r; r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  local a; a=$(awk '$1=="50%" {print $2}' <<<"$out")
+  local b; b=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local n; n=$(awk '/requests in/ {print $1}' <<<"$out")
+  local errors; errors=$(awk '/Non-2xx|Socket errors/' <<<"$out")
+  [ -z "$errors" ] || echo "  $1 c=$3: $errors" >&2
+  echo "$r $a $b $n"
+}
+for conns in $CONNS; do
+  for round in $(seq "$ROUNDS"); do
+    for target in direct nginx sluice; do
+      case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
+      [ "$target" = sluice ] && t0=$(cpu_ticks "$sluice_pid")
+      read -r r a b n < <(run "$target" "$port" "$conns")
+      if [ "$target" = sluice ]; then
+        sluice_ticks=$((sluice_ticks + $(cpu_ticks "$sluice_pid") - t0)); sluice_requests=$((sluice_requests + n))
+      fi
+      echo "  round $round c=$conns $target: $r req/s, p50 $a, p99 $b" >&2
+      rps[$target,$conns]="${rps[$target,$conns]:-} $r"; p50[$target,$conns]=$a; p99[$target,$conns]=$b
+    done
+  done
+done
+
+avg() { awk '{s=0; for(i=1;i<=NF;i++) s+=$i; printf "%.0f", s/NF}' <<<"$1"; }
+hz=$(getconf CLK_TCK)
+printf '\n%-8s %6s %12s %10s %10s\n' target conns "req/s (avg)" "p50 (last)" "p99 (last)"
+for conns in $CONNS; do
+  for target in direct nginx sluice; do
+    printf '%-8s %6s %12s %10s %10s\n' "$target" "$conns" "$(avg "${rps[$target,$conns]}")" "${p50[$target,$conns]}" "${p99[$target,$conns]}"
+  done
+  ratio=$(awk -v s="$(avg "${rps[sluice,$conns]}")" -v n="$(avg "${rps[nginx,$conns]}")" 'BEGIN{printf "%.2f", s/n}')
+  echo "sluice/nginx at c=$conns: ${ratio}x"
+done
+rss=$(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")
+cpu_us=$(awk -v t="$sluice_ticks" -v hz="$hz" -v n="$sluice_requests" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+echo "sluice: peak RSS $rss; CPU $cpu_us µs per request ($(awk -v c="$cpu_us" 'BEGIN{printf "%.2f", c*10000/1e6}') s per 10k requests) over $sluice_requests requests"
+echo "sluice: $(wc -l < "$work/access.log") access-log lines written"
