@@ -93,7 +93,7 @@ server:
   host: 127.0.0.1
   threads: $THREADS
 EOF
-RUST_LOG=warn,sluice::access=info target/release/sluice --config "$work/sluice.yaml" --port "$SLUICE" \
+RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} target/release/sluice --config "$work/sluice.yaml" --port "$SLUICE" \
   --upgrade-sock "$work/upgrade.sock" 2> "$work/access.log" & sluice_pid=$!; pids+=($sluice_pid)
 
 # A ~1.5 KB chat request, with one field the allow-list drops.
