@@ -969,18 +969,17 @@ impl Ctx<'_> {
                 }
             }
         }
-        if admitted.is_some() {
+        // A chunked upstream body ends only here: settle before the client sees the end.
+        let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
+        if let Some(a) = admitted.take() {
             let status = exchange
                 .session
                 .response_header()
                 .map_or(0, |h| h.status.as_u16());
             self.gw.metrics.upstream(id, status, upstream_time(access));
-        }
-        let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
-        let _ = session.write_response_body(tail, true).await;
-        if let Some(a) = admitted.take() {
             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }
+        let _ = session.write_response_body(tail, true).await;
         upstream.release(&self.gw.connector, exchange).await;
     }
 }

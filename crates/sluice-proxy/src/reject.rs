@@ -30,8 +30,6 @@ pub enum Rejection {
     Draining,
     /// The limits have not reached their ledger yet (readiness only).
     NotReady,
-    /// The response was already written (the access log has the details).
-    AlreadyAnswered,
     /// An admin endpoint called without the master key.
     AdminOnly,
     /// A reload was asked for and the new config does not load.
@@ -53,7 +51,6 @@ impl Rejection {
             Self::BadRequest(_) => 400,
             Self::UpstreamUnreachable => 502,
             Self::Draining | Self::NotReady => 503,
-            Self::AlreadyAnswered => 0,
             Self::RateLimited(..) => 429,
             Self::UpstreamTimeout => 504,
         }
@@ -76,7 +73,6 @@ impl Rejection {
             Self::NotReady => "not_ready",
             Self::AdminOnly => "admin_only",
             Self::ReloadRefused(_) => "reload_refused",
-            Self::AlreadyAnswered => "answered",
             Self::RateLimited(..) => "rate_limited",
         }
     }
@@ -144,7 +140,6 @@ impl Rejection {
                 Some("shutting_down"),
                 "The gateway is shutting down",
             ),
-            Self::AlreadyAnswered => ErrorBody::new(T::Api, None, "already answered"),
             Self::AdminOnly => ErrorBody::new(
                 T::Permission,
                 Some("admin_only"),
