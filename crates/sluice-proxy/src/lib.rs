@@ -281,3 +281,30 @@ impl pingora_core::apps::HttpServerApp for AdminApp {
         }
     }
 }
+
+/// The binary's signals: `SIGTERM` and `SIGINT` drain (Pingora's own watch treats `SIGINT` as
+/// a fast shutdown that cuts in-flight requests; a gateway should not drop streams on Ctrl-C
+/// either), `SIGQUIT` hands the sockets to an upgrading process. `SIGHUP` (reload) is handled
+/// by the lifecycle service.
+pub struct Signals;
+
+#[async_trait::async_trait]
+impl pingora_core::server::ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> pingora_core::server::ShutdownSignal {
+        use pingora_core::server::ShutdownSignal;
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::quit()),
+        ) else {
+            log::error!("cannot install signal handlers; shutting down");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::GracefulTerminate,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+        }
+    }
+}

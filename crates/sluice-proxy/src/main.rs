@@ -85,5 +85,8 @@ fn main() -> ExitCode {
         upgrade_sock: Some(cli.upgrade_sock.clone()),
     };
     let (server, _gateway) = sluice_proxy::build_server_with(config, &listen, lifecycle);
-    server.run_forever()
+    server.run(pingora_core::server::RunArgs {
+        shutdown_signal: Box::new(sluice_proxy::Signals),
+    });
+    ExitCode::SUCCESS
 }

@@ -655,6 +655,15 @@ fn lifecycle_config(upstream: &str, groups: &[&str], extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
+    drains_on("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_drains_like_sigterm() {
+    drains_on("INT").await;
+}
+
+async fn drains_on(sig: &str) {
     let pause = Duration::from_secs(2);
     let up = MockUpstream::start(MockConfig {
         stream_pause: pause,
@@ -663,7 +672,7 @@ async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
     .await
     .unwrap();
     let cfg = lifecycle_config(&up.base_url(), &["m"], "server: {grace_period: 20}\n");
-    let mut replica = Replica::spawn(&cfg, "term");
+    let mut replica = Replica::spawn(&cfg, &format!("drain-{sig}"));
     replica.wait_for("ready", |_| true).await;
     let mut stream = client()
         .post(replica.url("/v1/chat/completions"))
@@ -674,7 +683,7 @@ async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
     let first = stream.chunk().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: {"));
     let sent_term = Instant::now();
-    signal(&replica, "TERM");
+    signal(&replica, sig);
     // The listener closes at once: new connections are refused (bounded wait for the close).
     let addr = format!("127.0.0.1:{}", replica.port);
     while tokio::net::TcpStream::connect(&addr).await.is_ok() {
@@ -702,7 +711,7 @@ async fn sigterm_lets_a_stream_finish_refuses_new_connections_and_exits_0() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    eprintln!("exited {status} {:?} after SIGTERM", sent_term.elapsed());
+    eprintln!("exited {status} {:?} after SIG{sig}", sent_term.elapsed());
     assert!(status.success(), "{status}");
     assert!(
         sent_term.elapsed() >= pause / 2,
