@@ -43,7 +43,7 @@ impl Sluice {
             addr: format!("127.0.0.1:{port}"),
             threads: 2,
         };
-        let (server, gateway) = build_server(loaded.config, &listen);
+        let (server, gateway) = build_server(loaded.config, &listen).unwrap();
         let mut phase = server.watch_execution_phase();
         let (tx, rx) = oneshot::channel();
         let signal = StopSignal(Mutex::new(Some(rx)));

@@ -16,3 +16,4 @@ mod ops;
 mod prometheus;
 mod proxy;
 mod streaming;
+mod transport;

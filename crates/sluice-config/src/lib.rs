@@ -82,6 +82,19 @@ pub struct ServerSettings {
     pub admin_listen: Option<String>,
     /// The access log's format.
     pub access_log: AccessLog,
+    /// Serve HTTPS with this certificate chain and key (PEM files); HTTP/2 is offered by ALPN.
+    pub tls: Option<TlsFiles>,
+    /// Accept cleartext HTTP/2 (h2c, prior knowledge) besides HTTP/1.1 (default true).
+    pub h2c: bool,
+}
+
+/// `server.tls`: PEM files for the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
 }
 
 /// `server.access_log`.

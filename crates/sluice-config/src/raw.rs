@@ -91,6 +91,15 @@ pub(crate) struct RawServer {
     pub deployment_header: Option<bool>,
     pub admin_listen: Option<String>,
     pub access_log: Option<String>,
+    pub tls: Option<RawTls>,
+    pub h2c: Option<bool>,
+}
+
+/// `server.tls`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct RawTls {
+    pub cert: String,
+    pub key: String,
 }
 
 /// `limits`: Sluice's rate-limit tuning.

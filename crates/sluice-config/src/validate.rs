@@ -13,7 +13,8 @@ use crate::raw::{
 use crate::{
     AccessLog, ApiBase, Config, ConfigError, Deployment, KeyDigest, LimitSettings, Loaded,
     ModelGroup, OnRedisError, Problem, Provider, RedisSettings, RouterSettings, RoutingStrategy,
-    Secret, ServerSettings, VirtualKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, DEFAULT_TIMEOUT,
+    Secret, ServerSettings, TlsFiles, VirtualKey, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
 };
 
 /// Top-level sections Sluice reads, for "did you mean" hints.
@@ -758,6 +759,23 @@ impl Cx<'_> {
                 }
                 ok
             }),
+            tls: raw.tls.and_then(|t| {
+                let mut ok = true;
+                for (field, path) in [("cert", &t.cert), ("key", &t.key)] {
+                    if let Err(e) = std::fs::metadata(path) {
+                        self.problem(
+                            format!("server.tls.{field}"),
+                            format!("cannot read {path}: {e}"),
+                        );
+                        ok = false;
+                    }
+                }
+                ok.then_some(TlsFiles {
+                    cert: t.cert,
+                    key: t.key,
+                })
+            }),
+            h2c: raw.h2c.unwrap_or(true),
             access_log: match raw.access_log.as_deref() {
                 None | Some("json") => AccessLog::Json,
                 Some("text") => AccessLog::Text,

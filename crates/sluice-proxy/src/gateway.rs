@@ -243,6 +243,7 @@ pub struct Gateway {
     in_flight: AtomicUsize,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
+    server_options: pingora_core::apps::HttpServerOptions,
 }
 
 impl Gateway {
@@ -251,7 +252,10 @@ impl Gateway {
         let metrics = Arc::new(Metrics::new());
         metrics.init(&config);
         limiter.set_observer(metrics.clone());
+        let mut server_options = pingora_core::apps::HttpServerOptions::default();
+        server_options.h2c = config.server.h2c;
         Self {
+            server_options,
             state: ArcSwap::from_pointee(State::new(config, &limiter)),
             config_path: std::sync::Mutex::new(None),
             connector: Connector::new(None),
@@ -334,6 +338,11 @@ impl Gateway {
     /// Requests being handled right now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// How Pingora should treat new connections (h2c).
+    pub fn server_options(&self) -> Option<&pingora_core::apps::HttpServerOptions> {
+        Some(&self.server_options)
     }
 
     /// Handles one admin-listener request.

@@ -79,7 +79,10 @@ pub struct Lifecycle {
 /// Builds a Pingora server running Sluice for `config` on `listen`. Run it with
 /// `Server::run` (or `run_forever`); the returned [`Gateway`] handle lets the caller flip
 /// readiness when draining.
-pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
+///
+/// # Errors
+/// When the TLS certificate or key cannot be loaded.
+pub fn build_server(config: Config, listen: &Listen) -> Result<(Server, Arc<Gateway>), String> {
     build_server_with(config, listen, Lifecycle::default())
 }
 
@@ -90,11 +93,14 @@ pub fn build_server(config: Config, listen: &Listen) -> (Server, Arc<Gateway>) {
 /// streams finish for up to `server.grace_period`, refunds its leases to the ledger, and
 /// (with `exit_when_drained`) exits 0 as soon as nothing is in flight. Pingora alone would
 /// sleep out the whole grace period even when idle, and then cut what still runs.
+///
+/// # Errors
+/// When the TLS certificate or key cannot be loaded.
 pub fn build_server_with(
     config: Config,
     listen: &Listen,
     lifecycle: Lifecycle,
-) -> (Server, Arc<Gateway>) {
+) -> Result<(Server, Arc<Gateway>), String> {
     let grace = config.server.grace_period;
     let mut conf = ServerConf {
         threads: listen.threads.max(1),
@@ -113,10 +119,20 @@ pub fn build_server_with(
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
     let limiter = limiter_for(&config, listen.threads);
+    let tls = config.server.tls.clone();
     let gateway = Arc::new(Gateway::new(config, limiter.clone()));
     gateway.set_config_path(lifecycle.config_path.clone());
     let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
-    service.add_tcp(&listen.addr);
+    match &tls {
+        Some(files) => {
+            let mut settings =
+                pingora_core::listeners::tls::TlsSettings::intermediate(&files.cert, &files.key)
+                    .map_err(|e| format!("server.tls: {e}"))?;
+            settings.enable_h2();
+            service.add_tls_with_settings(&listen.addr, None, settings);
+        }
+        None => service.add_tcp(&listen.addr),
+    }
     server.add_service(service);
     if let Some(admin) = &gateway.admin_listen() {
         let mut admin_service = Service::new("sluice-admin".to_owned(), AdminApp(gateway.clone()));
@@ -132,7 +148,7 @@ pub fn build_server_with(
             exit_when_drained: lifecycle.exit_when_drained,
         },
     ));
-    (server, gateway)
+    Ok((server, gateway))
 }
 
 /// Readiness to systemd, SIGHUP reloads, and the drain on shutdown.
@@ -254,6 +270,10 @@ impl pingora_core::apps::HttpServerApp for SharedGateway {
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::apps::ReusedHttpStream> {
         self.0.process_new_http(session, shutdown).await
+    }
+
+    fn server_options(&self) -> Option<&pingora_core::apps::HttpServerOptions> {
+        self.0.server_options()
     }
 }
 

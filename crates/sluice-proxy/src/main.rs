@@ -89,7 +89,13 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
         upgrade_sock: Some(cli.upgrade_sock.clone()),
     };
-    let (server, _gateway) = sluice_proxy::build_server_with(config, &listen, lifecycle);
+    let (server, _gateway) = match sluice_proxy::build_server_with(config, &listen, lifecycle) {
+        Ok(built) => built,
+        Err(e) => {
+            eprintln!("sluice: {}: {e}", cli.config);
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
     server.run(pingora_core::server::RunArgs {
         shutdown_signal: Box::new(sluice_proxy::Signals),
     });

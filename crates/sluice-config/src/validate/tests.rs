@@ -257,3 +257,19 @@ fn limits_section() {
         ]
     );
 }
+
+#[test]
+fn tls_files_must_exist() {
+    let base = "model_list:\n  - model_name: m\n    litellm_params: {model: gpt-4o}\n";
+    assert_eq!(
+        paths(&format!(
+            "{base}server: {{tls: {{cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}}}\n"
+        )),
+        ["server.tls.cert", "server.tls.key"]
+    );
+    let c = ok(base).config;
+    assert!(
+        c.server.tls.is_none() && c.server.h2c,
+        "plain HTTP with h2c by default"
+    );
+}

@@ -1,0 +1,161 @@
+//! HTTP/2 clients (h2c with prior knowledge) and TLS on the listener (HTTP/2 by ALPN),
+//! driven with curl.
+
+use std::process::Command;
+
+use sluice_testkit::{MockConfig, MockUpstream};
+
+use crate::common::{deployment, Sluice};
+
+/// Runs curl, returning (`%{http_version} %{http_code}`, body).
+fn curl(args: &[&str]) -> (String, String) {
+    let dir = std::env::temp_dir().join(format!("sluice-curl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let body = dir.join(format!("body-{}", rand_suffix()));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_version} %{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        std::fs::read_to_string(&body).unwrap(),
+    )
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_with_prior_knowledge_are_served() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let s = Sluice::start(&format!(
+        "model_list:\n{}",
+        deployment("m", "x", &up.base_url(), "")
+    ))
+    .await;
+    let url = s.url("/v1/chat/completions");
+    let args = |body: &'static str| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            curl(&[
+                "--http2-prior-knowledge",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                body,
+                &url,
+            ])
+        })
+    };
+    let (status, body) = args(BODY).await.unwrap();
+    assert_eq!(status, "2 200", "{body}");
+    assert!(body.contains("chat.completion"), "{body}");
+    let (status, body) = args(STREAM).await.unwrap();
+    assert_eq!(status, "2 200");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_the_listener_with_http2_by_alpn() {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-tls-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let yaml = format!(
+        "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",
+        deployment("m", "x", &up.base_url(), ""),
+        cert.display(),
+        key.display()
+    );
+    let s = Sluice::start(&yaml).await;
+    let url = format!("https://127.0.0.1:{}/v1/chat/completions", s.addr.port());
+    let cacert = cert.display().to_string();
+    let (status, body) = tokio::task::spawn_blocking({
+        let (url, cacert) = (url.clone(), cacert.clone());
+        move || {
+            curl(&[
+                "--cacert",
+                &cacert,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                BODY,
+                &url,
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, "2 200", "HTTP/2 negotiated by ALPN: {body}");
+    assert!(body.contains("chat.completion"), "{body}");
+    // An untrusted certificate is refused by the client, as it should be.
+    let refused = Command::new("curl")
+        .args(["-sS", "--max-time", "5", &url])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    // Plain HTTP to the TLS port gets no answer from the API.
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!(
+            "http://127.0.0.1:{}/health/liveness",
+            s.addr.port()
+        ))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+}
