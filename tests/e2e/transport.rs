@@ -159,3 +159,70 @@ async fn tls_on_the_listener_with_http2_by_alpn() {
         .unwrap();
     assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_certificates_are_verified() {
+    // A TLS "provider" with a self-signed certificate: another Sluice's HTTPS listener.
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-tls-up-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success());
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let provider = Sluice::start(&format!(
+        "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",
+        deployment("m", "x", &up.base_url(), ""),
+        cert.display(),
+        key.display()
+    ))
+    .await;
+    // 127.0.0.1 is in the certificate, and the listener is there: the only reason left to
+    // fail is that nobody trusts the certificate.
+    let https = format!("https://127.0.0.1:{}/v1", provider.addr.port());
+    let gateway = Sluice::start(&format!(
+        "model_list:\n{}",
+        deployment("m", "x", &https, "")
+    ))
+    .await;
+    let resp = crate::common::client()
+        .post(gateway.url("/v1/chat/completions"))
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "an untrusted upstream certificate must not be accepted"
+    );
+    assert_eq!(
+        up.calls(),
+        0,
+        "nothing reached the provider behind the untrusted certificate"
+    );
+}
