@@ -10,6 +10,8 @@ command -v redis-server >/dev/null || need+=(redis-server) # tests start their o
 command -v redis-cli >/dev/null || need+=(redis-tools)     # cluster set-up in tests
 command -v promtool >/dev/null || need+=(prometheus)       # scrape test, promtool checks
 command -v systemd-analyze >/dev/null || need+=(systemd)  # the unit file check
+command -v curl >/dev/null || need+=(curl)                 # HTTP/2 and TLS tests
+command -v openssl >/dev/null || need+=(openssl)           # self-signed certificates in tests
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"
