@@ -37,6 +37,45 @@ fn rand_suffix() -> u64 {
         .finish()
 }
 
+/// A self-signed certificate for localhost and 127.0.0.1, made with openssl: (cert, key).
+fn self_signed() -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-tls-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    (cert, key)
+}
+
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
@@ -72,40 +111,7 @@ async fn http2_clients_with_prior_knowledge_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_listener_with_http2_by_alpn() {
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-tls-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let (cert, key) = self_signed();
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
     let yaml = format!(
         "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",
@@ -163,36 +169,7 @@ async fn tls_on_the_listener_with_http2_by_alpn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_certificates_are_verified() {
     // A TLS "provider" with a self-signed certificate: another Sluice's HTTPS listener.
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-tls-up-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(made.status.success());
+    let (cert, key) = self_signed();
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
     let provider = Sluice::start(&format!(
         "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",
