@@ -14,6 +14,8 @@ pub struct Sluice {
     pub addr: SocketAddr,
     #[allow(dead_code)]
     pub gateway: Arc<Gateway>,
+    /// One client for [`Self::chat`], so its connections are reused like a real client's.
+    http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -68,6 +70,7 @@ impl Sluice {
         Self {
             addr,
             gateway,
+            http: client(),
             stop: Some(tx),
             thread: Some(thread),
         }
@@ -75,6 +78,16 @@ impl Sluice {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /v1/chat/completions` with `body`, no key, no extra headers.
+    pub async fn chat(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/chat/completions"))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
     }
 }
 

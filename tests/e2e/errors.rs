@@ -85,27 +85,9 @@ async fn upstream_unreachable_is_502_and_timeout_is_504() {
         deployment("slow", "x", &slow.base_url(), ", timeout: 0.3"),
     );
     let s = Sluice::start(&yaml).await;
-    let v = error_body(
-        client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("down"))
-            .send()
-            .await
-            .unwrap(),
-        502,
-    )
-    .await;
+    let v = error_body(s.chat(chat("down")).await, 502).await;
     assert_eq!(v["error"]["type"], "api_error");
-    let v = error_body(
-        client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("slow"))
-            .send()
-            .await
-            .unwrap(),
-        504,
-    )
-    .await;
+    let v = error_body(s.chat(chat("slow")).await, 504).await;
     assert_eq!(v["error"]["code"], "upstream_timeout");
 }
 
@@ -123,12 +105,7 @@ async fn an_upstream_error_on_the_last_candidate_passes_through() {
         deployment("m", "x", &up.base_url(), "")
     ))
     .await;
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("m"))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(chat("m")).await;
     assert_eq!(resp.headers()["retry-after"], "11");
     let v = error_body(resp, 429).await;
     assert_eq!(v["error"]["type"], "rate_limit_exceeded");

@@ -93,12 +93,7 @@ async fn a_failing_deployment_cools_down_and_its_traffic_moves_whole() {
     let content = "q".repeat(300 * 1024);
     let body = format!(r#"{{"model":"a","messages":[{{"role":"user","content":"{content}"}}]}}"#);
     for _ in 0..6 {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(body.clone()).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["x-sluice-deployment"], "b.0");
     }
@@ -149,12 +144,7 @@ async fn retry_after_sets_the_cooldown() {
     );
     let s = Sluice::start(&yaml).await;
     for _ in 0..5 {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("g"))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(chat("g")).await;
         assert_eq!(resp.status(), 200);
     }
     assert_eq!(
@@ -179,14 +169,8 @@ async fn weights_share_traffic_three_to_one() {
         deployment("g", "y", &light.base_url(), ", weight: 1"),
     );
     let s = Sluice::start(&yaml).await;
-    let c = client();
     for _ in 0..1000 {
-        let resp = c
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("g"))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(chat("g")).await;
         assert_eq!(resp.status(), 200);
         let _ = resp.bytes().await;
     }
@@ -216,12 +200,7 @@ async fn a_chain_of_failing_groups_spends_one_retry_budget() {
     }
     yaml.push_str("router_settings: {num_retries: 2, fallbacks: [{a: [b, c, d]}]}\n");
     let s = Sluice::start(&yaml).await;
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("a"))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(chat("a")).await;
     let calls: Vec<usize> = mocks.iter().map(MockUpstream::calls).collect();
     assert_eq!(
         calls,
@@ -284,35 +263,20 @@ async fn context_window_and_content_policy_fallbacks_route_correctly() {
             .to_owned()
     };
     // Known too long for `small` (max_input_tokens): skipped without a call.
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(long)
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(long).await;
     assert_eq!(
         (resp.status().as_u16(), served_by(&resp)),
         (200, "big.0".to_owned())
     );
     assert_eq!(small.calls(), 0);
     // Too long as the upstream says: context_length_exceeded → the context-window group.
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("short"))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(chat("short")).await;
     assert_eq!(
         (resp.status().as_u16(), served_by(&resp)),
         (200, "big.0".to_owned())
     );
     // A content filter refusal → the content-policy group.
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("filtered"))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(chat("filtered")).await;
     assert_eq!(
         (resp.status().as_u16(), served_by(&resp)),
         (200, "safe.0".to_owned())
@@ -339,12 +303,7 @@ async fn after_the_first_byte_a_broken_stream_ends_with_an_error_event() {
         deployment("g", "y", &spare.base_url(), ", order: 2"),
     );
     let s = Sluice::start(&yaml).await;
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(r#"{"model":"g","stream":true,"messages":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(r#"{"model":"g","stream":true,"messages":[]}"#).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.unwrap();
     assert!(text.starts_with("data: {"), "{text}");

@@ -135,12 +135,7 @@ async fn extras_drops_and_provider_defaults_per_deployment() {
         )
     };
     for g in ["vllm", "oai"] {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(body(g))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(body(g)).await;
         assert_eq!(resp.status(), 200);
     }
     let keys = |i: usize| {

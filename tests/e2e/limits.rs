@@ -99,12 +99,7 @@ async fn a_deployment_out_of_budget_is_skipped_before_anything_is_sent() {
     let s = Sluice::start(&yaml).await;
     let mut served_by = Vec::new();
     for _ in 0..6 {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("g"))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(chat("g")).await;
         if resp.status() == 200 {
             served_by.push(
                 resp.headers()["x-sluice-deployment"]
@@ -168,27 +163,10 @@ async fn budget_and_upstream_connections_survive_a_reload() {
         deployment("m", "x", &up.base_url(), ", rpm: 2")
     );
     let s = Sluice::start(&one).await;
-    let c = client();
     for _ in 0..2 {
-        assert_eq!(
-            c.post(s.url("/v1/chat/completions"))
-                .body(chat("m"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(s.chat(chat("m")).await.status(), 200);
     }
-    assert_eq!(
-        c.post(s.url("/v1/chat/completions"))
-            .body(chat("m"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(s.chat(chat("m")).await.status(), 429);
     let connections = up.connections();
     // The same limits plus a new group.
     let two = format!("{one}{}", deployment("n", "y", &up.base_url(), ""));
@@ -197,24 +175,11 @@ async fn budget_and_upstream_connections_survive_a_reload() {
         .config;
     s.gateway.reload(config);
     assert_eq!(
-        c.post(s.url("/v1/chat/completions"))
-            .body(chat("m"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        s.chat(chat("m")).await.status(),
         429,
         "the window's budget was not reset by the reload"
     );
-    assert_eq!(
-        c.post(s.url("/v1/chat/completions"))
-            .body(chat("n"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(s.chat(chat("n")).await.status(), 200);
     assert_eq!(
         up.connections(),
         connections,

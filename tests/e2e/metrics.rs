@@ -52,12 +52,7 @@ async fn every_family_moves_with_traffic() {
         assert_eq!(resp.headers()["x-request-id"], format!("req-{i}").as_str());
         let _ = resp.bytes().await;
     }
-    let unknown = c
-        .post(s.url("/v1/chat/completions"))
-        .body(r#"{"model":"nope","messages":[]}"#)
-        .send()
-        .await
-        .unwrap();
+    let unknown = s.chat(r#"{"model":"nope","messages":[]}"#).await;
     assert_eq!(unknown.status(), 404);
     assert!(
         unknown.headers().contains_key("x-request-id"),

@@ -71,12 +71,7 @@ async fn the_dashboard_and_rules_use_only_exported_metrics() {
         deployment("h", "y", &up.base_url(), ""),
     );
     let s = Sluice::start(&yaml).await;
-    let _ = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("g"))
-        .send()
-        .await
-        .unwrap();
+    let _ = s.chat(chat("g")).await;
     let exported = metric_names(
         &client()
             .get(s.url("/metrics"))

@@ -27,12 +27,7 @@ async fn prometheus_scrapes_sluice() {
     ))
     .await;
     for _ in 0..3 {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat("g"))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(chat("g")).await;
         assert_eq!(resp.status(), 200);
     }
     let dir = std::env::temp_dir().join(format!(

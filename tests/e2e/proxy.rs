@@ -101,12 +101,7 @@ async fn a_1mib_body_is_routed_by_model_and_replayed_whole_after_a_429() {
     })
     .to_string();
     assert!(body.len() > 1024 * 1024);
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(body.clone()).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-sluice-deployment"], "big.1");
     assert_eq!((first.calls(), second.calls()), (1, 1));
@@ -134,12 +129,9 @@ async fn a_chunked_request_body_is_read_whole() {
         .chunks(7000)
         .map(|c| Ok(c.to_vec()))
         .collect();
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(reqwest::Body::wrap_stream(futures_iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let resp = s
+        .chat(reqwest::Body::wrap_stream(futures_iter(chunks)))
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(
         up.requests()[0].json()["messages"][0]["content"]
@@ -176,12 +168,7 @@ async fn azure_gets_its_url_and_api_key_header() {
         up.addr()
     );
     let s = Sluice::start(&yaml).await;
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(chat("gpt"))
-        .send()
-        .await
-        .unwrap();
+    let resp = s.chat(chat("gpt")).await;
     assert_eq!(resp.status(), 200);
     let r = &up.requests()[0];
     assert_eq!(r.path, "/openai/deployments/my-deploy/chat/completions");
@@ -205,12 +192,7 @@ async fn every_openai_compatible_provider_gets_bearer_auth_and_its_model_name() 
         .iter()
         .enumerate()
     {
-        let resp = client()
-            .post(s.url("/v1/chat/completions"))
-            .body(chat(provider))
-            .send()
-            .await
-            .unwrap();
+        let resp = s.chat(chat(provider)).await;
         assert_eq!(resp.status(), 200, "{provider}");
         let r = &up.requests()[i];
         assert_eq!(r.json()["model"], format!("org/{provider}-model"));

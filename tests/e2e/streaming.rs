@@ -5,7 +5,7 @@ use std::time::Duration;
 use sluice_testkit::{MockConfig, MockUpstream};
 use tokio::time::Instant;
 
-use crate::common::{client, deployment, Sluice};
+use crate::common::{deployment, Sluice};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_chunk_arrives_while_the_upstream_is_still_paused() {
@@ -22,12 +22,9 @@ async fn the_first_chunk_arrives_while_the_upstream_is_still_paused() {
     ))
     .await;
     let started = Instant::now();
-    let mut resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .body(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)
-        .send()
-        .await
-        .unwrap();
+    let mut resp = s
+        .chat(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let first = resp.chunk().await.unwrap().unwrap();
