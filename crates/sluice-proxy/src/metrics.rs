@@ -97,6 +97,7 @@ pub struct Metrics {
     remaining: IntGaugeVec,
     overshoot_bound: IntGaugeVec,
     consumed: IntGaugeVec,
+    held: IntGaugeVec,
     claims: IntCounterVec,
     claim_duration: Histogram,
     mode: IntGaugeVec,
@@ -214,6 +215,11 @@ impl Metrics {
             consumed: r.gauges(
                 "sluice_ratelimit_consumed",
                 "Usage settled on this replica since start",
+                &["scope"],
+            ),
+            held: r.gauges(
+                "sluice_ratelimit_held",
+                "Budget this replica holds in leases and has not spent yet",
                 &["scope"],
             ),
             claims: r.counters(
@@ -419,6 +425,9 @@ impl Metrics {
             self.consumed
                 .with_label_values(&[id])
                 .set(as_i64(limiter.consumed(h)));
+            self.held
+                .with_label_values(&[id])
+                .set(as_i64(limiter.held(h)));
         }
         let current = limiter.mode();
         for m in [Mode::Global, Mode::Local, Mode::Open, Mode::Closed] {

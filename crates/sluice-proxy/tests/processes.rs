@@ -427,6 +427,90 @@ async fn g4_redis_outage_switches_to_local_limits_and_recovers() {
     assert!(in_outage > 0, "local mode still serves");
 }
 
+/// A replica killed with SIGKILL while it holds unspent leases: the ledger takes them back
+/// within one lease lifetime (`lease_ttl` 1 s + the 2 s grace), so the survivor can serve the
+/// whole limit minus what the dead replica admitted, long before the 60 s window would have
+/// returned the budget by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
+    let redis = RedisServer::start().unwrap();
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let limit = 40u64;
+    let cfg = format!(
+        "model_list:\n  - model_name: m\n    litellm_params: {{model: openai/x, api_base: '{}', rpm: {limit}}}\n\
+         router_settings: {{redis_url: '{}'}}\n\
+         limits: {{period: 60, slots: 60, lease_ttl: 1, max_lease_fraction: 0.5}}\n\
+         server: {{threads: 1}}\n",
+        up.base_url(),
+        redis.url()
+    );
+    let mut replicas = cluster(2, &cfg).await;
+    let a = &replicas[0];
+    let held = "sluice_ratelimit_held{scope=\"deployment:m.0:rpm\"}";
+    // Load on A until it holds budget it has not spent (its demand-sized prefetch), then kill it.
+    let client = client();
+    let started = Instant::now();
+    let unspent = loop {
+        let r = client
+            .post(a.url("/v1/chat/completions"))
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = a.metric(held).await;
+        if h > 0 {
+            break h;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "A never held an unspent lease"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    replicas[0].child.kill().unwrap();
+    replicas[0].child.wait().unwrap();
+    let killed = Instant::now();
+    let by_a = up.requests().len() as u64;
+    eprintln!("crash: A served {by_a} and held {unspent} unspent when killed");
+    // B asks every 25 ms until the upstream has served the whole limit.
+    let b = &replicas[1];
+    let mut statuses = Vec::new();
+    while (up.requests().len() as u64) < limit {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the dead replica's budget never came back: served {} of {limit}",
+            up.requests().len()
+        );
+        let r = client
+            .post(b.url("/v1/chat/completions"))
+            .body(BODY)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let back = killed.elapsed();
+    eprintln!(
+        "crash: the whole limit ({limit}) served {back:?} after the kill; B answered {} × 200, {} × 429",
+        statuses.iter().filter(|s| **s == 200).count(),
+        statuses.iter().filter(|s| **s == 429).count()
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+    assert!(
+        back <= Duration::from_secs(4),
+        "budget back after {back:?}: more than a lease lifetime (3 s) and B's polling"
+    );
+    // Over-refund is capped: what A had spent of its live lease may be served twice, at most
+    // one lease (max_lease = 50 % of 40 = 20) beyond the limit.
+    let total = up.requests().len() as u64;
+    assert!(total <= limit + 20, "{total} served of {limit}");
+}
+
 /// Three masters, slots spread by `redis-cli --cluster create`.
 struct RedisCluster {
     nodes: Vec<RedisServer>,

@@ -43,6 +43,30 @@ pub struct Grant {
     pub remaining: u64,
     /// When `granted` is 0: how long until the oldest charged slot leaves the window.
     pub retry_after: Duration,
+    /// The ledger's id for this grant's lease record (0 when it keeps none).
+    pub lease: u64,
+}
+
+impl Grant {
+    /// What to hand back to [`Ledger::refund`] when this grant's lease ends.
+    pub fn lease_ref(&self) -> LeaseRef {
+        LeaseRef {
+            slot: self.slot,
+            granted: self.granted,
+            id: self.lease,
+        }
+    }
+}
+
+/// A lease as the ledger knows it: the slot it was charged to, its size and its record id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRef {
+    /// The slot it was charged to.
+    pub slot: u64,
+    /// What was granted.
+    pub granted: u64,
+    /// The ledger's record id ([`Grant::lease`]).
+    pub id: u64,
 }
 
 /// A ledger could not be reached or answered nonsense.
@@ -59,16 +83,30 @@ pub trait Ledger: Send + Sync + 'static {
     /// Grants `min(ask, limit − used)`, or 0 when that is below `min`, and charges it to the
     /// current slot.
     ///
+    /// A shared ledger also records the grant as a lease held for `hold`: a lease its holder
+    /// has not ended ([`Ledger::refund`]) by then is presumed dead (the replica crashed) and
+    /// its whole grant is given back to its slot, so a crash strands budget for at most
+    /// `hold`, not for the rest of the window.
+    ///
     /// # Errors
     /// [`LedgerError`] when the ledger cannot be reached; nothing was charged then.
-    async fn claim(&self, key: &str, limit: u64, ask: u64, min: u64) -> Result<Grant, LedgerError>;
+    async fn claim(
+        &self,
+        key: &str,
+        limit: u64,
+        ask: u64,
+        min: u64,
+        hold: Duration,
+    ) -> Result<Grant, LedgerError>;
 
-    /// Gives back up to `amount` of what `slot` was charged, if `slot` is still in the window;
-    /// returns what was given back.
+    /// Ends `lease`, giving back up to `amount` of what its slot was charged if the slot is
+    /// still in the window; returns what was given back. Every lease of a shared ledger must
+    /// be ended once, with `amount` 0 when it was used up; a lease the ledger already gave
+    /// back (its holder was presumed dead) gives back nothing more.
     ///
     /// # Errors
     /// [`LedgerError`] when the ledger cannot be reached.
-    async fn refund(&self, key: &str, slot: u64, amount: u64) -> Result<u64, LedgerError>;
+    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError>;
 
     /// Records that replica `id` is alive (for `ttl`) and returns how many are.
     ///
@@ -124,6 +162,7 @@ pub(crate) fn claim_step(
         slot: current,
         remaining: available - granted,
         retry_after,
+        lease: 0,
     }
 }
 
@@ -191,13 +230,23 @@ impl MemoryLedger {
 
 #[async_trait]
 impl Ledger for MemoryLedger {
-    async fn claim(&self, key: &str, limit: u64, ask: u64, min: u64) -> Result<Grant, LedgerError> {
+    async fn claim(
+        &self,
+        key: &str,
+        limit: u64,
+        ask: u64,
+        min: u64,
+        _hold: Duration,
+    ) -> Result<Grant, LedgerError> {
+        // One process: a lease cannot outlive its holder, so none is recorded.
         Ok(self.claim_now(key, limit, ask, min))
     }
 
-    async fn refund(&self, key: &str, slot: u64, amount: u64) -> Result<u64, LedgerError> {
+    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
         let current = self.current();
-        Ok(self.with(key, |s| refund_step(s, self.window, current, slot, amount)))
+        Ok(self.with(key, |s| {
+            refund_step(s, self.window, current, lease.slot, amount)
+        }))
     }
 
     async fn heartbeat(&self, _id: &str, _ttl: Duration) -> Result<u64, LedgerError> {
@@ -315,10 +364,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn memory_ledger_follows_tokio_time() {
         let l = MemoryLedger::new(W);
-        assert_eq!(l.claim("k", 10, 10, 1).await.unwrap().granted, 10);
-        assert_eq!(l.claim("k", 10, 1, 1).await.unwrap().granted, 0);
+        let hold = Duration::from_secs(1);
+        assert_eq!(l.claim("k", 10, 10, 1, hold).await.unwrap().granted, 10);
+        assert_eq!(l.claim("k", 10, 1, 1, hold).await.unwrap().granted, 0);
         tokio::time::advance(Duration::from_secs(10)).await;
-        assert_eq!(l.claim("k", 10, 10, 1).await.unwrap().granted, 10);
+        assert_eq!(l.claim("k", 10, 10, 1, hold).await.unwrap().granted, 10);
         assert_eq!(l.heartbeat("me", Duration::from_secs(1)).await.unwrap(), 1);
     }
 }

@@ -28,6 +28,13 @@
 //! [`Limiter::overshoot_bound`] exports B. Settlement can add the difference between a
 //! request's estimate and its real usage (charged as local debt that later grants repay).
 //!
+//! **Crashed replicas.** A shared ledger records each lease until its holder ends it (the
+//! refund above, with 0 when it was used up). A record still there `lease_ttl` + a grace
+//! (2 s) after its claim belongs to a replica that died: the next claim gives its whole grant
+//! back to its slot. What the dead replica had spent of that lease goes uncounted, at most one
+//! `max_lease` per crash, which is the share of B it held while alive (so N in the bound counts
+//! the replicas that lived in the window).
+//!
 //! **Lease size** follows the replica's own demand: an EWMA of admitted cost per second ×
 //! `horizon`, capped by `remaining ÷ N` (its share of what is left), never below the cost of
 //! the request it is claimed for. A replica whose demand is below one request per horizon does
@@ -45,7 +52,7 @@ mod limiter;
 pub mod local;
 mod redis_ledger;
 
-pub use ledger::{Grant, Ledger, LedgerError, MemoryLedger, Window};
+pub use ledger::{Grant, LeaseRef, Ledger, LedgerError, MemoryLedger, Window};
 pub use limiter::{
     Admitted, ClaimResult, Kind, LedgerOp, LimitHandle, LimitSpec, Limiter, Mode, Observer,
     OnRedisError, Rejected, Settings,

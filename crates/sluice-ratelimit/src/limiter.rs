@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::ledger::{Grant, Ledger, MemoryLedger, Window};
+use crate::ledger::{Grant, LeaseRef, Ledger, MemoryLedger, Window};
 use crate::local::Shards;
 
 /// What a limit counts.
@@ -180,10 +180,16 @@ enum Source {
 
 #[derive(Debug)]
 struct Lease {
-    slot: u64,
-    granted: u64,
+    grant: LeaseRef,
     expires: Instant,
     source: Source,
+}
+
+/// How much longer than `lease_ttl` a shared ledger keeps a lease record before it presumes
+/// the holder dead and takes the lease back: the holder ends its leases on its maintenance
+/// tick after `lease_ttl`, one ledger round trip later. At least 2 s, or 4 ticks.
+fn lease_grace(tick: Duration) -> Duration {
+    (tick * 4).max(Duration::from_secs(2))
 }
 
 /// EWMA time constant for demand.
@@ -383,6 +389,11 @@ impl Limiter {
         (limit.0.remaining.load(Ordering::Relaxed) + held).min(limit.0.spec.limit)
     }
 
+    /// What this replica holds of `limit` in leases and has not spent yet.
+    pub fn held(&self, limit: &LimitHandle) -> u64 {
+        limit.0.local.total().max(0) as u64
+    }
+
     /// Usage settled against `limit` so far on this replica.
     pub fn consumed(&self, limit: &LimitHandle) -> u64 {
         limit.0.local.counts().consumed
@@ -531,8 +542,7 @@ impl Limiter {
         }
         if source != Source::Open {
             lock(&st.leases).push_back(Lease {
-                slot: grant.slot,
-                granted: grant.granted,
+                grant: grant.lease_ref(),
                 expires: Instant::now() + self.settings.lease_ttl,
                 source,
             });
@@ -546,7 +556,7 @@ impl Limiter {
             let started = Instant::now();
             match self
                 .ledger
-                .claim(&st.spec.id, st.spec.limit, ask, min)
+                .claim(&st.spec.id, st.spec.limit, ask, min, self.lease_hold())
                 .await
             {
                 Ok(g) => {
@@ -573,6 +583,7 @@ impl Limiter {
                     slot: 0,
                     remaining: st.spec.limit,
                     retry_after: Duration::ZERO,
+                    lease: 0,
                 },
                 Source::Open,
             ),
@@ -582,6 +593,7 @@ impl Limiter {
                     slot: 0,
                     remaining: 0,
                     retry_after: BACKOFF_MAX,
+                    lease: 0,
                 },
                 Source::Fallback,
             ),
@@ -593,6 +605,11 @@ impl Limiter {
                 (g, Source::Fallback)
             }
         }
+    }
+
+    /// How long a shared ledger keeps this replica's lease records ([`Ledger::claim`]).
+    fn lease_hold(&self) -> Duration {
+        self.settings.lease_ttl + lease_grace(self.settings.tick)
     }
 
     fn ledger_usable(&self) -> bool {
@@ -735,21 +752,24 @@ impl Limiter {
                     Some(l) if all || l.expires <= now => {}
                     _ => return,
                 }
-                let newer: u64 = leases.iter().skip(1).map(|l| l.granted).sum();
+                let newer: u64 = leases.iter().skip(1).map(|l| l.grant.granted).sum();
                 match leases.pop_front() {
                     Some(l) => (l, newer),
                     None => return,
                 }
             };
-            let unused = (st.local.total() - newer as i64).clamp(0, lease.granted as i64);
-            let back = st.local.drain_upto(unused);
-            if back <= 0 {
+            let unused = (st.local.total() - newer as i64).clamp(0, lease.grant.granted as i64);
+            let back = st.local.drain_upto(unused).max(0);
+            // A shared ledger keeps a record of every lease until its holder ends it, even a
+            // used-up one; otherwise it would presume this replica dead and give it all back.
+            let recorded = lease.source == Source::Ledger && self.ledger.shared();
+            if back == 0 && !recorded {
                 continue;
             }
             let refunded = match lease.source {
                 Source::Ledger => self
                     .ledger
-                    .refund(&st.spec.id, lease.slot, back as u64)
+                    .refund(&st.spec.id, lease.grant, back as u64)
                     .await
                     .map_err(|e| {
                         self.observe_error(LedgerOp::Refund);
@@ -757,7 +777,7 @@ impl Limiter {
                     }),
                 Source::Fallback => self
                     .fallback
-                    .refund(&st.spec.id, lease.slot, back as u64)
+                    .refund(&st.spec.id, lease.grant, back as u64)
                     .await
                     .map_err(drop),
                 Source::Open => Ok(0),

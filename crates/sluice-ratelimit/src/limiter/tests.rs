@@ -136,14 +136,21 @@ struct Flaky {
 
 #[async_trait]
 impl Ledger for Flaky {
-    async fn claim(&self, key: &str, limit: u64, ask: u64, min: u64) -> Result<Grant, LedgerError> {
+    async fn claim(
+        &self,
+        key: &str,
+        limit: u64,
+        ask: u64,
+        min: u64,
+        hold: Duration,
+    ) -> Result<Grant, LedgerError> {
         if self.down.load(Ordering::Relaxed) {
             return Err(LedgerError("down".into()));
         }
-        self.inner.claim(key, limit, ask, min).await
+        self.inner.claim(key, limit, ask, min, hold).await
     }
-    async fn refund(&self, key: &str, slot: u64, amount: u64) -> Result<u64, LedgerError> {
-        self.inner.refund(key, slot, amount).await
+    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
+        self.inner.refund(key, lease, amount).await
     }
     async fn heartbeat(&self, _: &str, _: Duration) -> Result<u64, LedgerError> {
         if self.down.load(Ordering::Relaxed) {
