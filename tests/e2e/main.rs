@@ -8,6 +8,7 @@ mod common;
 mod config_files;
 mod errors;
 mod fallbacks;
+mod faults;
 mod filter;
 mod limits;
 mod metrics;

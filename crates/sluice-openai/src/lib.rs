@@ -19,4 +19,4 @@ mod props;
 pub use error::{ErrorBody, ErrorType};
 pub use filter::{DropReason, FieldPolicy, Verdict};
 pub use request::{Dropped, Endpoint, ParseError, Request, Shaped};
-pub use usage::{usage_of_json, SseRelay, Usage};
+pub use usage::{json_answer, usage_of_json, SseRelay, Usage};

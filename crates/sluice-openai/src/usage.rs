@@ -40,6 +40,17 @@ pub fn usage_of_json(body: &[u8]) -> Option<Usage> {
     serde_json::from_slice::<WithUsage>(body).ok()?.usage
 }
 
+/// Reads a whole JSON answer: `None` when it is not JSON at all (a broken upstream), else its
+/// `usage` if it has one.
+pub fn json_answer(body: &[u8]) -> Option<Option<Usage>> {
+    match serde_json::from_slice::<WithUsage>(body) {
+        Ok(w) => Some(w.usage),
+        Err(_) => serde_json::from_slice::<IgnoredAny>(body)
+            .ok()
+            .map(|_| None),
+    }
+}
+
 /// Relays an SSE body event by event, noting the `usage` it carries.
 ///
 /// With `strip_usage_chunk`, the usage-only chunk (`choices: []`, `usage: {…}`) is held back:
@@ -50,6 +61,7 @@ pub struct SseRelay {
     strip_usage_chunk: bool,
     pending: BytesMut,
     usage: Option<Usage>,
+    chunks: u64,
 }
 
 impl SseRelay {
@@ -59,12 +71,19 @@ impl SseRelay {
             strip_usage_chunk,
             pending: BytesMut::new(),
             usage: None,
+            chunks: 0,
         }
     }
 
     /// The usage seen so far (the last one wins).
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Data events seen, other than `[DONE]` and the usage-only chunk. Providers stream about
+    /// one token per event, so this is the completion so far of a stream cut short.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
     }
 
     /// Takes one chunk from upstream and returns what to send downstream now.
@@ -104,14 +123,27 @@ impl SseRelay {
 
     /// Notes usage on a `data:` line. `Some(true)` when the line is a usage-only chunk.
     fn scan_line(&mut self, line: &[u8]) -> Option<bool> {
-        let data = line.strip_prefix(b"data:")?;
-        if memchr_usage(data).is_none() {
+        let data = line.strip_prefix(b"data:")?.trim_ascii();
+        if data == b"[DONE]" {
             return Some(false);
         }
-        let parsed: WithUsage = serde_json::from_slice(data.trim_ascii()).ok()?;
-        let usage = parsed.usage?;
+        let usage_only = memchr_usage(data).is_some() && self.note_usage(data);
+        if !usage_only {
+            self.chunks += 1;
+        }
+        Some(usage_only)
+    }
+
+    /// Reads `usage` from an event's JSON; true when the event is the usage-only chunk.
+    fn note_usage(&mut self, data: &[u8]) -> bool {
+        let Ok(parsed) = serde_json::from_slice::<WithUsage>(data) else {
+            return false;
+        };
+        let Some(usage) = parsed.usage else {
+            return false;
+        };
         self.usage = Some(usage);
-        Some(parsed.choices.is_none_or(|c| c.is_empty()))
+        parsed.choices.is_none_or(|c| c.is_empty())
     }
 }
 
@@ -167,6 +199,13 @@ mod tests {
             assert!(out.ends_with("data: [DONE]\n\n") && out.contains("\"hi\""));
             assert_eq!(usage.unwrap().completion_tokens, 3);
         }
+        let mut r = SseRelay::new(false);
+        r.feed(Bytes::from_static(STREAM.as_bytes()));
+        assert_eq!(
+            r.chunks(),
+            2,
+            "two content events; the usage chunk and [DONE] do not count"
+        );
     }
 
     #[test]
@@ -175,5 +214,19 @@ mod tests {
         assert_eq!(u.unwrap().tokens(), 6);
         assert!(usage_of_json(br#"{"id":"x"}"#).is_none());
         assert!(usage_of_json(b"not json").is_none());
+        assert_eq!(
+            json_answer(br#"{"usage":{"prompt_tokens":2}}"#)
+                .unwrap()
+                .unwrap()
+                .tokens(),
+            2
+        );
+        assert_eq!(json_answer(br#"[1, 2]"#), Some(None), "JSON, no usage");
+        assert_eq!(
+            json_answer(br#"{"usage": "odd"}"#),
+            Some(None),
+            "JSON, no usable usage"
+        );
+        assert_eq!(json_answer(br#"{"id": "x", "choices": ["#), None, "cut off");
     }
 }

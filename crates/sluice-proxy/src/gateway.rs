@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora_core::connectors::http::Connector;
-use pingora_core::protocols::http::ServerSession;
+use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use sluice_config::{Config, KeyDigest, VirtualKey};
@@ -155,6 +155,24 @@ fn usage_so_far(sse: &Option<SseRelay>, json: &Option<BytesMut>) -> Option<sluic
     }
 }
 
+/// Whether a 2xx answer is one to read whole before replying: JSON (not a stream) with a
+/// declared length Sluice is willing to hold.
+fn answer_fits(exchange: &Exchange) -> bool {
+    let Some(h) = exchange.session.response_header() else {
+        return false;
+    };
+    let sse = h
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let length = h
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    !sse && length.is_some_and(|n| n <= USAGE_SCAN_LIMIT)
+}
+
 /// A successful attempt, handed to the relay.
 struct Served<'a> {
     upstream: &'a Upstream,
@@ -164,6 +182,9 @@ struct Served<'a> {
     injected_usage: bool,
     rate: RateHeaders,
     sent_at: Instant,
+    /// The prompt's token estimate: with the events relayed, what a stream the client
+    /// abandoned has cost.
+    prompt_tokens: u64,
 }
 
 /// Who is calling.
@@ -604,7 +625,7 @@ impl Ctx<'_> {
                 Some(a) => Ok(a),
                 None => self.gw.limiter.admit(&costs).await,
             };
-            let admitted = match admitted {
+            let mut admitted = match admitted {
                 Ok(a) => a,
                 Err(r) => {
                     log::debug!(
@@ -652,14 +673,7 @@ impl Ctx<'_> {
                 Ok(x) => x,
                 Err(failure) => {
                     log::warn!("deployment {}: {failure}", deployment.id);
-                    access.tried(
-                        &deployment.id,
-                        match failure {
-                            Failure::Connect(_) => "connect_error",
-                            Failure::Timeout => "timeout",
-                            Failure::Protocol(_) => "broken",
-                        },
-                    );
+                    access.tried(&deployment.id, failure.label());
                     self.st.router.record_failure(&deployment.id, None);
                     self.gw
                         .metrics
@@ -673,6 +687,41 @@ impl Ctx<'_> {
                 .session
                 .response_header()
                 .map_or(502, |h| h.status.as_u16());
+            if (200..300).contains(&status) && answer_fits(&exchange) {
+                // A JSON answer is read whole before the client sees a byte: a broken or
+                // malformed one still leaves the chain free to try the next candidate, and
+                // header and body leave in one write.
+                admitted.mark_sent(); // the upstream may have done the work
+                let whole = upstream
+                    .read_whole(&self.gw.connector, exchange, deadline, USAGE_SCAN_LIMIT)
+                    .await;
+                let took = sent_at.elapsed();
+                access.upstream_time += took;
+                let failure = match whole {
+                    Ok(answer) => match sluice_openai::json_answer(&answer.body) {
+                        Some(usage) => {
+                            access.tried(&deployment.id, format!("http_{status}"));
+                            self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
+                            self.st.router.record_success(&deployment.id, took);
+                            self.gw.metrics.ttft(&deployment.id, took);
+                            self.gw.metrics.upstream(&deployment.id, status, took);
+                            self.settle(admitted, usage, true, &deployment.id, access);
+                            let rate = RateHeaders::of(&self.gw.limiter, &handles);
+                            self.write_answer(session, &deployment.id, &answer, rate, access)
+                                .await;
+                            return Ok(());
+                        }
+                        None => Failure::Protocol("malformed JSON answer".into()),
+                    },
+                    Err(failure) => failure,
+                };
+                log::warn!("deployment {}: {failure}", deployment.id);
+                access.tried(&deployment.id, failure.label());
+                self.st.router.record_failure(&deployment.id, None);
+                self.gw.metrics.upstream(&deployment.id, 0, took);
+                outcome.failure = Some(failure);
+                continue; // the estimate stays charged
+            }
             access.tried(&deployment.id, format!("http_{status}"));
             if (200..300).contains(&status) {
                 self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
@@ -687,6 +736,7 @@ impl Ctx<'_> {
                     injected_usage: shaped.injected_usage,
                     rate,
                     sent_at,
+                    prompt_tokens: request.prompt_tokens_estimate(),
                 };
                 self.relay(session, served, access).await;
                 return Ok(());
@@ -749,6 +799,10 @@ impl Ctx<'_> {
                 failure: Some(Failure::Timeout),
                 ..
             } => Err(Rejection::UpstreamTimeout),
+            ChainOutcome {
+                failure: Some(Failure::Protocol(_)),
+                ..
+            } => Err(Rejection::UpstreamBroken),
             ChainOutcome {
                 failure: Some(_), ..
             } => Err(Rejection::UpstreamUnreachable),
@@ -829,6 +883,64 @@ impl Ctx<'_> {
         }
     }
 
+    /// Writes a whole (2xx, JSON) answer: the upstream's headers but hop-by-hop ones, Sluice's
+    /// own, and the body, in one go.
+    async fn write_answer(
+        &self,
+        session: &mut ServerSession,
+        id: &str,
+        answer: &UpstreamAnswer,
+        rate: RateHeaders,
+        access: &Access,
+    ) {
+        let up = &answer.header;
+        let Ok(mut resp) = ResponseHeader::build(up.status, Some(up.headers.len() + 6)) else {
+            return;
+        };
+        for (name, value) in &up.headers {
+            if !HOP_BY_HOP.contains(name) && *name != header::CONTENT_LENGTH {
+                let _ = resp.append_header(name.clone(), value.clone());
+            }
+        }
+        let _ = resp.insert_header(header::CONTENT_LENGTH, answer.body.len());
+        if self.st.config.server.deployment_header {
+            let _ = resp.insert_header("x-sluice-deployment", id);
+        }
+        tag_request_id(&mut resp, &access.request_id);
+        rate.apply(&mut resp);
+        let tasks = vec![
+            HttpTask::Header(Box::new(resp), false),
+            HttpTask::Body(Some(answer.body.clone()), true),
+        ];
+        if let Err(e) = session.response_duplex_vec(tasks).await {
+            log::debug!("request {}: answer not delivered: {e}", access.request_id);
+        }
+    }
+
+    /// Settles an answer the client hung up on. A stream is charged what it generated so far
+    /// (the prompt estimate + one token per event relayed, or its `usage` if that came); a
+    /// JSON answer keeps its estimate, since the upstream may have finished the work.
+    fn abandoned(
+        &self,
+        admitted: Option<Admitted<'_>>,
+        sse: Option<&SseRelay>,
+        prompt_tokens: u64,
+        access: &mut Access,
+    ) {
+        log::debug!(
+            "request {}: the client hung up mid-answer",
+            access.request_id
+        );
+        let (Some(admitted), Some(relay)) = (admitted, sse) else {
+            return; // settled already, or JSON: dropping a sent reservation keeps the estimate
+        };
+        let tokens = relay
+            .usage()
+            .map_or(prompt_tokens + relay.chunks(), |u| u.tokens());
+        access.tokens = Some(tokens);
+        admitted.settle(tokens);
+    }
+
     /// Passes an upstream's (buffered) error answer on to the client.
     async fn write_upstream_error(
         &self,
@@ -867,6 +979,7 @@ impl Ctx<'_> {
             injected_usage,
             rate,
             sent_at,
+            prompt_tokens,
         } = served;
         let id = upstream.deployment.id.as_str();
         let Some(up) = exchange.session.response_header() else {
@@ -908,7 +1021,24 @@ impl Ctx<'_> {
             took
         };
         loop {
-            match exchange.session.read_response_body().await {
+            // A stream waits on the upstream but notices a client that hangs up meanwhile: a
+            // stream it abandoned must not keep the upstream generating (and charging) until
+            // the end. A JSON answer is short; a hang-up shows on the write (and it saves the
+            // idle probe's syscall on the hot path).
+            let read = if sse {
+                tokio::select! {
+                    r = exchange.session.read_response_body() => r,
+                    _ = session.read_body_or_idle(true) => {
+                        self.abandoned(admitted.take(), sse_relay.as_ref(), prompt_tokens, access);
+                        session.set_keepalive(None);
+                        upstream_time(access);
+                        return; // dropping `exchange` closes the upstream connection
+                    }
+                }
+            } else {
+                exchange.session.read_response_body().await
+            };
+            match read {
                 Ok(Some(chunk)) => {
                     if first {
                         first = false;
@@ -942,7 +1072,7 @@ impl Ctx<'_> {
                     if !out.is_empty() && session.write_response_body(out, false).await.is_err() {
                         // The client went away: stop reading the upstream (dropping the
                         // session closes that connection, which cancels the generation).
-                        // The estimate stays charged.
+                        self.abandoned(admitted.take(), sse_relay.as_ref(), prompt_tokens, access);
                         session.set_keepalive(None);
                         upstream_time(access);
                         return;
@@ -1001,6 +1131,8 @@ impl HttpServerApp for Gateway {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         session.set_read_timeout(Some(DOWNSTREAM_READ_TIMEOUT));
+        // Pipelined HTTP/1.1 requests are answered in order, one after the other.
+        session.set_pipelining_enabled(true);
         match session.read_request().await {
             Ok(true) => {}
             Ok(false) | Err(_) => return None,

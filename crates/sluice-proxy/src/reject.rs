@@ -26,6 +26,8 @@ pub enum Rejection {
     UpstreamUnreachable,
     /// Every candidate timed out.
     UpstreamTimeout,
+    /// The last candidate's answer broke off or was not what it claimed (malformed JSON).
+    UpstreamBroken,
     /// Sluice is shutting down.
     Draining,
     /// The limits have not reached their ledger yet (readiness only).
@@ -49,7 +51,7 @@ impl Rejection {
             Self::ReloadRefused(_) => 400,
             Self::TooLarge(_) => 413,
             Self::BadRequest(_) => 400,
-            Self::UpstreamUnreachable => 502,
+            Self::UpstreamUnreachable | Self::UpstreamBroken => 502,
             Self::Draining | Self::NotReady => 503,
             Self::RateLimited(..) => 429,
             Self::UpstreamTimeout => 504,
@@ -69,6 +71,7 @@ impl Rejection {
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamBroken => "upstream_bad_response",
             Self::Draining => "draining",
             Self::NotReady => "not_ready",
             Self::AdminOnly => "admin_only",
@@ -129,6 +132,11 @@ impl Rejection {
                 T::Api,
                 Some("upstream_unreachable"),
                 "No upstream deployment could be reached",
+            ),
+            Self::UpstreamBroken => ErrorBody::new(
+                T::Api,
+                Some("upstream_bad_response"),
+                "The upstream deployment's answer broke off or was malformed",
             ),
             Self::UpstreamTimeout => ErrorBody::new(
                 T::Api,

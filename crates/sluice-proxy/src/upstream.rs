@@ -55,6 +55,17 @@ pub enum Failure {
     Protocol(String),
 }
 
+impl Failure {
+    /// The outcome's name in the access log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect_error",
+            Self::Timeout => "timeout",
+            Self::Protocol(_) => "broken",
+        }
+    }
+}
+
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -274,30 +285,58 @@ impl Upstream {
     pub async fn read_error(
         &self,
         connector: &Connector,
-        mut exchange: Exchange,
+        exchange: Exchange,
         deadline: Instant,
     ) -> Option<UpstreamAnswer> {
-        let header = exchange.session.response_header()?.clone();
+        self.read_whole(connector, exchange, deadline, DRAIN_LIMIT)
+            .await
+            .ok()
+    }
+
+    /// Reads an answer's body whole (at most `limit` bytes, by `deadline`, each read within the
+    /// deployment's `stream_timeout`), returning the connection to the pool.
+    ///
+    /// # Errors
+    /// [`Failure::Timeout`] past the deadline or a read timeout, [`Failure::Protocol`] when the
+    /// body breaks off or outgrows `limit`; the connection is closed then.
+    pub async fn read_whole(
+        &self,
+        connector: &Connector,
+        mut exchange: Exchange,
+        deadline: Instant,
+        limit: usize,
+    ) -> Result<UpstreamAnswer, Failure> {
+        let header = exchange
+            .session
+            .response_header()
+            .ok_or_else(|| Failure::Protocol("no response header".into()))?
+            .clone();
         let body = timeout_at(deadline, async {
             let mut body = bytes::BytesMut::new();
             loop {
                 match exchange.session.read_response_body().await {
+                    // The common case, one read holding the whole body: no copy.
+                    Ok(Some(chunk)) if body.is_empty() && exchange.session.response_done() => {
+                        if chunk.len() > limit {
+                            return Err(Failure::Protocol("answer too large".into()));
+                        }
+                        return Ok(chunk);
+                    }
                     Ok(Some(chunk)) => {
-                        if body.len() + chunk.len() > DRAIN_LIMIT {
-                            return None;
+                        if body.len() + chunk.len() > limit {
+                            return Err(Failure::Protocol("answer too large".into()));
                         }
                         body.extend_from_slice(&chunk);
                     }
-                    Ok(None) => return Some(body.freeze()),
-                    Err(_) => return None,
+                    Ok(None) => return Ok(body.freeze()),
+                    Err(e) => return Err(classify(&e)),
                 }
             }
         })
         .await
-        .ok()
-        .flatten()?;
+        .unwrap_or(Err(Failure::Timeout))?;
         self.release(connector, exchange).await;
-        Some(UpstreamAnswer { header, body })
+        Ok(UpstreamAnswer { header, body })
     }
 }
 

@@ -12,5 +12,5 @@
 mod mock;
 mod redis;
 
-pub use mock::{MockConfig, MockUpstream, Recorded};
+pub use mock::{Fault, MockConfig, MockUpstream, Recorded};
 pub use redis::{free_port, RedisServer};

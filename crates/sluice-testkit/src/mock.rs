@@ -48,7 +48,30 @@ pub struct MockConfig {
     pub error_code: Option<String>,
     /// Break the connection after the first SSE chunk, as a crashing upstream would.
     pub stream_break: bool,
+    /// Pause between stream events after the first (a slow generation).
+    pub stream_interval: Duration,
+    /// Misbehave on successful answers.
+    pub fault: Option<Fault>,
 }
+
+/// Ways a successful answer goes wrong, as broken upstreams do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// A JSON answer declares its whole length, sends half of it, and the connection is cut.
+    CutJson,
+    /// The answer stops: a JSON answer after its header, a stream after its first event.
+    /// The connection stays open (for 30 s).
+    Stall,
+    /// A 200 `application/json` whose body is not JSON.
+    MalformedJson,
+    /// A stream whose events are not JSON, ending without `[DONE]`.
+    MalformedSse,
+    /// Answers without `usage`, even when a stream asked for it.
+    NoUsage,
+}
+
+/// How long a stalled answer holds its connection open.
+const STALL: Duration = Duration::from_secs(30);
 
 impl Default for MockConfig {
     fn default() -> Self {
@@ -65,6 +88,8 @@ impl Default for MockConfig {
             completion_tokens: 7,
             error_code: None,
             stream_break: false,
+            stream_interval: Duration::ZERO,
+            fault: None,
         }
     }
 }
@@ -98,6 +123,7 @@ struct State {
     log: Mutex<Vec<Recorded>>,
     window: Mutex<VecDeque<Instant>>,
     connections: AtomicUsize,
+    cancelled: AtomicUsize,
 }
 
 /// A running mock upstream on `127.0.0.1:<ephemeral>`. Stops when dropped.
@@ -128,6 +154,7 @@ impl MockUpstream {
             log: Mutex::new(Vec::new()),
             window: Mutex::new(VecDeque::new()),
             connections: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self { addr, state, task })
@@ -156,6 +183,11 @@ impl MockUpstream {
     /// How many requests were received.
     pub fn calls(&self) -> usize {
         lock(&self.state.log).len()
+    }
+
+    /// How many streams were cut off by the client (Sluice) before their end.
+    pub fn cancelled(&self) -> usize {
+        self.state.cancelled.load(Ordering::Relaxed)
     }
 
     /// How many TCP connections were accepted.
@@ -433,10 +465,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
             ));
         }
     }
-    Ok(answer(kind, &fields, &config))
+    Ok(answer(kind, &fields, &config, &state))
 }
 
-fn answer(kind: Kind, fields: &Map<String, Value>, config: &MockConfig) -> Response<Body> {
+fn answer(
+    kind: Kind,
+    fields: &Map<String, Value>,
+    config: &MockConfig,
+    state: &Arc<State>,
+) -> Response<Body> {
     let model = fields
         .get("model")
         .and_then(Value::as_str)
@@ -455,11 +492,15 @@ fn answer(kind: Kind, fields: &Map<String, Value>, config: &MockConfig) -> Respo
     } else {
         config.completion_tokens
     };
-    let usage = json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    });
+    let usage = if config.fault == Some(Fault::NoUsage) {
+        Value::Null
+    } else {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
+    };
     let text = format!("hello from {}", config.name);
     let stream = fields
         .get("stream")
@@ -478,22 +519,88 @@ fn answer(kind: Kind, fields: &Map<String, Value>, config: &MockConfig) -> Respo
                 .and_then(|o| o.get("include_usage"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            sse(kind, model, text, usage, include_usage, config)
+            sse(
+                kind,
+                model,
+                text,
+                usage,
+                include_usage,
+                config,
+                state.clone(),
+            )
         }
-        Kind::Chat => full(
-            StatusCode::OK,
-            json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1_700_000_000,
-                "model": model, "usage": usage,
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}]}),
-        ),
-        Kind::Completions => full(
-            StatusCode::OK,
-            json!({"id": "cmpl-mock", "object": "text_completion", "created": 1_700_000_000,
-                "model": model, "usage": usage,
-                "choices": [{"index": 0, "finish_reason": "stop", "text": text, "logprobs": null}]}),
-        ),
+        _ => match config.fault {
+            Some(Fault::CutJson) => cut_json(kind, &model, &text, &usage),
+            Some(Fault::Stall) => stalled(),
+            Some(Fault::MalformedJson) => {
+                let mut r = full(StatusCode::OK, Value::Null);
+                *r.body_mut() =
+                    Full::new(Bytes::from_static(b"{\"id\": \"chatcmpl-mock\", \"choi"))
+                        .map_err(|never: Infallible| match never {})
+                        .boxed();
+                r
+            }
+            _ => whole(kind, &model, &text, &usage),
+        },
     }
+}
+
+/// A JSON answer, whole.
+fn whole(kind: Kind, model: &str, text: &str, usage: &Value) -> Response<Body> {
+    full(StatusCode::OK, whole_json(kind, model, text, usage))
+}
+
+fn whole_json(kind: Kind, model: &str, text: &str, usage: &Value) -> Value {
+    match kind {
+        Kind::Chat => json!({"id": "chatcmpl-mock", "object": "chat.completion",
+            "created": 1_700_000_000, "model": model, "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}]}),
+        Kind::Completions => json!({"id": "cmpl-mock", "object": "text_completion",
+            "created": 1_700_000_000, "model": model, "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "text": text, "logprobs": null}]}),
+        Kind::Embeddings => json!({"object": "list", "model": model, "usage": usage, "data": []}),
+    }
+}
+
+/// [`Fault::CutJson`]: the whole answer's length is declared, half of it is sent.
+fn cut_json(kind: Kind, model: &str, text: &str, usage: &Value) -> Response<Body> {
+    let bytes = Bytes::from(whole_json(kind, model, text, usage).to_string());
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(2);
+    let half = bytes.slice(..bytes.len() / 2);
+    let len = bytes.len();
+    tokio::spawn(async move {
+        if tx.send_data(half).await.is_ok() {
+            tx.abort(std::io::Error::other("upstream crashed"));
+        }
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    r
+}
+
+/// [`Fault::Stall`] for a JSON answer: its header, then nothing (for [`STALL`]).
+fn stalled() -> Response<Body> {
+    let (tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+    tokio::spawn(async move {
+        tokio::time::sleep(STALL).await;
+        drop(tx);
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(100u32),
+    );
+    r
 }
 
 fn sse(
@@ -503,11 +610,15 @@ fn sse(
     usage: Value,
     include_usage: bool,
     config: &MockConfig,
+    state: Arc<State>,
 ) -> Response<Body> {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(4);
     let chunks = config.stream_chunks.max(1);
     let pause = config.stream_pause;
     let stream_break = config.stream_break;
+    let interval = config.stream_interval;
+    let fault = config.fault;
+    let include_usage = include_usage && !usage.is_null();
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| match kind {
             Kind::Chat => json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
@@ -538,12 +649,28 @@ fn sse(
             last["usage"] = usage;
             events.push(last);
         }
+        if fault == Some(Fault::MalformedSse) {
+            for _ in 0..3 {
+                let _ = tx
+                    .send_data(Bytes::from_static(b"data: {not json\n\n"))
+                    .await;
+            }
+            return; // and no [DONE]
+        }
         for (i, event) in events.iter().enumerate() {
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
             if tx
                 .send_data(Bytes::from(format!("data: {event}\n\n")))
                 .await
                 .is_err()
             {
+                state.cancelled.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if i == 0 && fault == Some(Fault::Stall) {
+                tokio::time::sleep(STALL).await;
                 return;
             }
             if i == 0 && !pause.is_zero() {
