@@ -75,6 +75,9 @@ pub struct ServerSettings {
     pub threads: Option<usize>,
     /// How long in-flight requests may take to finish on shutdown.
     pub grace_period: Duration,
+    /// How long a client has to send a whole request, headers and body (and how long an idle
+    /// keep-alive connection is kept): a slow-loris client is cut off after this.
+    pub client_timeout: Duration,
     /// Whether responses carry `x-sluice-deployment` naming the deployment that served them.
     pub deployment_header: bool,
     /// A separate `host:port` for `/metrics` and health; when set, the main port does not

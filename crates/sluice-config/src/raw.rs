@@ -88,6 +88,7 @@ pub(crate) struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub threads: Option<usize>,
     pub grace_period: Option<f64>,
+    pub client_timeout: Option<f64>,
     pub deployment_header: Option<bool>,
     pub admin_listen: Option<String>,
     pub access_log: Option<String>,

@@ -748,6 +748,9 @@ impl Cx<'_> {
             grace_period: self
                 .seconds(raw.grace_period, "server.grace_period")
                 .unwrap_or(Duration::from_secs(30)),
+            client_timeout: self
+                .seconds(raw.client_timeout, "server.client_timeout")
+                .unwrap_or(Duration::from_secs(60)),
             deployment_header: raw.deployment_header.unwrap_or(true),
             admin_listen: raw.admin_listen.filter(|a| {
                 let ok = a.parse::<std::net::SocketAddr>().is_ok();

@@ -85,6 +85,9 @@ pub enum ParseError {
     /// Nested deeper than [`MAX_DEPTH`].
     #[error("the request body is nested more than {MAX_DEPTH} levels deep")]
     TooDeep,
+    /// A number too large for a 64-bit float (`1e999`): no provider can read it.
+    #[error("the request body has a number out of range: {0}")]
+    NumberOutOfRange(String),
     /// A field in no allow-list, with `unknown_fields: reject`.
     #[error("Unrecognized request argument supplied: {0}")]
     UnknownField(String),
@@ -183,9 +186,7 @@ impl Request {
             return Err(ParseError::Empty);
         }
         let text = std::str::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
-        if too_deep(text.as_bytes(), MAX_DEPTH) {
-            return Err(ParseError::TooDeep);
-        }
+        check_structure(text.as_bytes(), MAX_DEPTH)?;
         let raw = top_level_fields(text)?;
         let base = text.as_ptr() as usize;
         let mut fields = Vec::with_capacity(raw.len());
@@ -348,10 +349,11 @@ impl Request {
     }
 }
 
-/// Whether `json` nests arrays/objects deeper than `limit`. Brackets inside strings do not
+/// Checks what the top-level parse does not look at: that arrays/objects nest at most `limit`
+/// deep, and that every number fits a 64-bit float. Brackets and digits inside strings do not
 /// count; the JSON itself is validated separately. Strings (nearly all of a prompt's bytes)
 /// are skipped with a SIMD search for the next quote or backslash.
-fn too_deep(json: &[u8], limit: usize) -> bool {
+fn check_structure(json: &[u8], limit: usize) -> Result<(), ParseError> {
     let mut depth = 0usize;
     let mut i = 0;
     while let Some(&b) = json.get(i) {
@@ -360,7 +362,7 @@ fn too_deep(json: &[u8], limit: usize) -> bool {
                 i += 1;
                 loop {
                     let Some(off) = memchr::memchr2(b'"', b'\\', &json[i.min(json.len())..]) else {
-                        return false; // unterminated: the parser reports that
+                        return Ok(()); // unterminated: the parser reports that
                     };
                     i += off;
                     if json[i] == b'\\' {
@@ -375,15 +377,32 @@ fn too_deep(json: &[u8], limit: usize) -> bool {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
-                    return true;
+                    return Err(ParseError::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let len = json[i..]
+                    .iter()
+                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                    .unwrap_or(json.len() - i);
+                let number = &json[i..i + len];
+                // Only an exponent or ~309 digits can overflow; the common number is skipped.
+                if number.len() > 300 || number.iter().any(|c| matches!(c, b'e' | b'E')) {
+                    let text = std::str::from_utf8(number).unwrap_or_default();
+                    if text.parse::<f64>().is_ok_and(|v| v.is_infinite()) {
+                        let shown: String = text.chars().take(40).collect();
+                        return Err(ParseError::NumberOutOfRange(shown));
+                    }
+                }
+                i += len;
+                continue;
+            }
             _ => {}
         }
         i += 1;
     }
-    false
+    Ok(())
 }
 
 /// `stream_options` with `include_usage: true` merged in (the object is tiny).
@@ -650,10 +669,6 @@ mod tests {
                 "max_tokens",
             ),
             (
-                r#"{"model":"a","messages":[],"max_tokens":1e400}"#,
-                "max_tokens",
-            ),
-            (
                 r#"{"model":"a","messages":[],"max_tokens":999999999999}"#,
                 "max_tokens",
             ),
@@ -666,6 +681,24 @@ mod tests {
             Bytes::from_static(b"{\"model\":\"\xff\"}"),
         );
         assert_eq!(not_utf8.unwrap_err(), ParseError::NotUtf8);
+    }
+
+    #[test]
+    fn numbers_beyond_a_float_are_refused_wherever_they_are() {
+        for body in [
+            r#"{"model":"a","messages":[],"max_tokens":1e400}"#,
+            r#"{"model":"a","messages":[],"logit_bias":{"50256":-1E+999}}"#,
+        ] {
+            assert!(
+                matches!(parse(body), Err(ParseError::NumberOutOfRange(_))),
+                "{body}"
+            );
+        }
+        let long = format!(r#"{{"model":"a","messages":[],"seed":{}}}"#, "9".repeat(400));
+        assert!(matches!(parse(&long), Err(ParseError::NumberOutOfRange(_))));
+        // Large but finite, and anything inside a string, is fine.
+        parse(r#"{"model":"a","messages":[{"role":"user","content":"1e999"}],"x":1e308}"#)
+            .unwrap();
     }
 
     #[test]

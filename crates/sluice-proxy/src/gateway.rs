@@ -26,8 +26,6 @@ use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream, UpstreamAnswer};
 
-/// How long Sluice waits for the next piece of a client's request before giving up on it.
-const DOWNSTREAM_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Response headers never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and framing,
 /// which Sluice's own server sets for the client connection.
@@ -361,6 +359,11 @@ impl Gateway {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// `server.client_timeout` of the live config.
+    pub fn client_timeout(&self) -> Duration {
+        self.state.load().config.server.client_timeout
+    }
+
     /// How Pingora should treat new connections (h2c).
     pub fn server_options(&self) -> Option<&pingora_core::apps::HttpServerOptions> {
         Some(&self.server_options)
@@ -553,7 +556,18 @@ impl Ctx<'_> {
             Caller::Admin => Some("master".to_owned()),
             Caller::Key(k, _) => Some(k.alias.clone()),
         };
-        let body = read_body(session, self.st.config.server.max_body_bytes).await?;
+        if !declares_json(session) {
+            return Err(Rejection::UnsupportedMediaType);
+        }
+        let body = tokio::time::timeout(
+            self.st.config.server.client_timeout,
+            read_body(session, self.st.config.server.max_body_bytes),
+        )
+        .await
+        .map_err(|_| {
+            session.set_keepalive(None);
+            Rejection::RequestTimeout
+        })??;
         let request = Request::parse(endpoint, body).map_err(Rejection::BadRequest)?;
         let group = self
             .st
@@ -1130,12 +1144,14 @@ impl HttpServerApp for Gateway {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        session.set_read_timeout(Some(DOWNSTREAM_READ_TIMEOUT));
+        let client_timeout = self.state.load().config.server.client_timeout;
+        session.set_read_timeout(Some(client_timeout));
         // Pipelined HTTP/1.1 requests are answered in order, one after the other.
         session.set_pipelining_enabled(true);
-        match session.read_request().await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return None,
+        // The whole header within `client_timeout`, however slowly it trickles in.
+        match tokio::time::timeout(client_timeout, session.read_request()).await {
+            Ok(Ok(true)) => {}
+            _ => return None,
         }
         if *shutdown.borrow() {
             session.set_keepalive(None);
@@ -1166,6 +1182,21 @@ fn bearer(session: &ServerSession) -> Option<&[u8]> {
         .get_header("api-key")
         .map(|v| v.as_bytes().trim_ascii())
         .filter(|k| !k.is_empty())
+}
+
+/// Whether the request's body may be taken for JSON: `Content-Type` is `application/json`
+/// (any parameters), a `+json` type, or absent (many SDK-less clients send none). Anything
+/// else (curl -d's form encoding, `text/plain`) is refused rather than guessed at.
+fn declares_json(session: &ServerSession) -> bool {
+    let Some(v) = session.get_header(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let essence = v.as_bytes().split(|b| *b == b';').next().unwrap_or_default();
+    let essence = essence.trim_ascii();
+    essence.eq_ignore_ascii_case(b"application/json")
+        || (essence.len() > 5
+            && essence[essence.len() - 5..].eq_ignore_ascii_case(b"+json")
+            && essence[..12.min(essence.len())].eq_ignore_ascii_case(b"application/"))
 }
 
 /// Reads the whole request body, refusing more than `max` bytes.

@@ -122,7 +122,7 @@ pub fn build_server_with(
     let tls = config.server.tls.clone();
     let gateway = Arc::new(Gateway::new(config, limiter.clone()));
     gateway.set_config_path(lifecycle.config_path.clone());
-    let mut service = Service::new("sluice".to_owned(), SharedGateway(gateway.clone()));
+    let mut service = Service::new("sluice".to_owned(), Front::new(&gateway));
     match &tls {
         Some(files) => {
             let mut settings =
@@ -260,7 +260,8 @@ impl BackgroundService for LimiterTask {
 }
 
 /// Lets the server own a handle to a gateway the caller also holds.
-struct SharedGateway(Arc<Gateway>);
+/// The gateway as a Pingora HTTP app, with the options for one kind of connection.
+struct SharedGateway(Arc<Gateway>, pingora_core::apps::HttpServerOptions);
 
 #[async_trait::async_trait]
 impl pingora_core::apps::HttpServerApp for SharedGateway {
@@ -273,8 +274,67 @@ impl pingora_core::apps::HttpServerApp for SharedGateway {
     }
 
     fn server_options(&self) -> Option<&pingora_core::apps::HttpServerOptions> {
-        self.0.server_options()
+        Some(&self.1)
     }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Every new connection on the main listener. With h2c on, Pingora tells HTTP/2 from HTTP/1 by
+/// reading 24 bytes with no deadline, so a client that sends fewer and stalls (a slow loris, or
+/// a tiny HTTP/1.0 request) would hold the connection forever. `Front` sniffs first, a byte at
+/// a time and within `server.client_timeout`, stopping at the first byte that is not the
+/// preface's, then hands the connection to an app that skips Pingora's sniff (HTTP/1) or
+/// finds the 24 bytes already read (HTTP/2).
+struct Front {
+    h1: Arc<SharedGateway>,
+    h2c: Option<Arc<SharedGateway>>,
+}
+
+impl Front {
+    fn new(gateway: &Arc<Gateway>) -> Self {
+        let options = gateway.server_options().cloned().unwrap_or_default();
+        let mut h1 = options.clone();
+        h1.h2c = false;
+        Self {
+            h1: Arc::new(SharedGateway(gateway.clone(), h1)),
+            h2c: options
+                .h2c
+                .then(|| Arc::new(SharedGateway(gateway.clone(), options))),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora_core::apps::ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: pingora_core::protocols::Stream,
+        shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::protocols::Stream> {
+        let Some(h2c) = self.h2c.as_ref().filter(|_| stream.get_ssl_digest().is_none()) else {
+            return self.h1.process_new(stream, shutdown).await;
+        };
+        let limit = self.h1.0.client_timeout();
+        let sniff = async {
+            let mut buf = [0u8; H2_PREFACE.len()];
+            for n in 1..=buf.len() {
+                stream.try_peek(&mut buf[..n]).await.ok()?;
+                if buf[..n] != H2_PREFACE[..n] {
+                    return Some(false);
+                }
+            }
+            Some(true)
+        };
+        match tokio::time::timeout(limit, sniff).await {
+            Ok(Some(true)) => h2c.process_new(stream, shutdown).await,
+            Ok(Some(false)) => self.h1.process_new(stream, shutdown).await,
+            _ => None, // closed, or too slow to say even what protocol it speaks
+        }
+    }
+
+    async fn cleanup(&self) {}
 }
 
 /// The admin listener (`server.admin_listen`): `/metrics` and health, nothing else.

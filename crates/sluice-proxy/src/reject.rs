@@ -18,6 +18,10 @@ pub enum Rejection {
     TooLarge(usize),
     /// The body is not a usable request.
     BadRequest(ParseError),
+    /// The request declares a body type other than JSON.
+    UnsupportedMediaType,
+    /// The body did not arrive within `server.client_timeout`.
+    RequestTimeout,
     /// `model` names no configured group.
     UnknownModel(String),
     /// The key may not call this group.
@@ -50,6 +54,8 @@ impl Rejection {
             Self::ModelNotAllowed(_) | Self::AdminOnly => 403,
             Self::ReloadRefused(_) => 400,
             Self::TooLarge(_) => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::RequestTimeout => 408,
             Self::BadRequest(_) => 400,
             Self::UpstreamUnreachable | Self::UpstreamBroken => 502,
             Self::Draining | Self::NotReady => 503,
@@ -67,6 +73,8 @@ impl Rejection {
             Self::BadKey => "invalid_key",
             Self::TooLarge(_) => "body_too_large",
             Self::BadRequest(_) => "bad_request",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RequestTimeout => "request_timeout",
             Self::UnknownModel(_) => "unknown_model",
             Self::ModelNotAllowed(_) => "model_not_allowed",
             Self::UpstreamUnreachable => "upstream_unreachable",
@@ -103,6 +111,16 @@ impl Rejection {
                 T::Authentication,
                 Some("invalid_api_key"),
                 "Incorrect API key provided",
+            ),
+            Self::RequestTimeout => ErrorBody::new(
+                T::InvalidRequest,
+                Some("request_timeout"),
+                "The request body did not arrive in time",
+            ),
+            Self::UnsupportedMediaType => ErrorBody::new(
+                T::InvalidRequest,
+                Some("unsupported_media_type"),
+                "The request body must be JSON: send `Content-Type: application/json`",
             ),
             Self::TooLarge(max) => ErrorBody::new(
                 T::InvalidRequest,
