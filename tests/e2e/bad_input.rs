@@ -115,7 +115,10 @@ async fn broken_bodies_get_400s_in_openais_shape() {
         up.calls(),
         0,
         "nothing broken reached the upstream: {:?}",
-        up.requests().iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect::<Vec<_>>()
+        up.requests()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .collect::<Vec<_>>()
     );
     // With `application/json; charset=utf-8`, or none at all, the same body is served.
     for ct in [Some("application/json; charset=utf-8"), None] {
@@ -135,7 +138,10 @@ async fn raw(s: &Sluice, bytes: &[u8], within: Duration) -> (String, Duration) {
     conn.write_all(bytes).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(within, conn.read_to_end(&mut out)).await;
-    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,15 +191,25 @@ async fn broken_http_is_refused_and_pipelined_requests_are_answered_in_order() {
     // A request shorter than HTTP/2's 24-byte preface is answered at once (Pingora's own h2c
     // sniff would wait for 24 bytes forever).
     let (out, took) = raw(&s, b"GET / HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;
-    assert!(out.starts_with("HTTP/1.1 404") || out.starts_with("HTTP/1.0 404"), "{out}");
-    assert!(took < Duration::from_secs(2), "a tiny request waited {took:?}");
+    assert!(
+        out.starts_with("HTTP/1.1 404") || out.starts_with("HTTP/1.0 404"),
+        "{out}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a tiny request waited {took:?}"
+    );
 
     // Garbage instead of HTTP: closed (or 400), nothing else.
     let (out, _) = raw(&s, b"\x16\x03\x01 hello\r\n\r\n", Duration::from_secs(5)).await;
     assert!(out.is_empty() || out.starts_with("HTTP/1.1 400"), "{out}");
 
     // Unknown paths and methods.
-    error_body(client().get(s.url("/v2/whatever")).send().await.unwrap(), 404).await;
+    error_body(
+        client().get(s.url("/v2/whatever")).send().await.unwrap(),
+        404,
+    )
+    .await;
     error_body(
         client()
             .delete(s.url("/v1/chat/completions"))
@@ -232,7 +248,10 @@ async fn trickle(s: &Sluice, bytes: &[u8]) -> (String, Duration) {
         }
     })
     .await;
-    (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +299,10 @@ async fn slow_loris_headers_and_bodies_are_cut_off_at_the_client_timeout() {
             }
         })
         .await;
-        (String::from_utf8_lossy(&out).into_owned(), started.elapsed())
+        (
+            String::from_utf8_lossy(&out).into_owned(),
+            started.elapsed(),
+        )
     };
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert!(out.contains("request_timeout"), "{out}");

@@ -17,5 +17,6 @@ mod mock;
 mod ops;
 mod prometheus;
 mod proxy;
+mod slow_redis;
 mod streaming;
 mod transport;

@@ -317,6 +317,9 @@ pub struct LimitSettings {
     pub default_max_tokens: u64,
     /// Longest wait for one Redis call.
     pub redis_timeout: Duration,
+    /// Longest a request waits on a Redis claim before it is served from the local share, as
+    /// in an outage (`limits.admit_wait`, default 25 ms).
+    pub admit_wait: Duration,
 }
 
 /// `limits.on_redis_error`.

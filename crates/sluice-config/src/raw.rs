@@ -114,6 +114,7 @@ pub(crate) struct RawLimits {
     pub on_redis_error: Option<String>,
     pub default_max_tokens: Option<u64>,
     pub redis_timeout: Option<f64>,
+    pub admit_wait: Option<f64>,
 }
 
 /// `filter`: the outbound allow-list's global setting.

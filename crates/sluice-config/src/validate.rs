@@ -725,6 +725,9 @@ impl Cx<'_> {
             redis_timeout: self
                 .seconds(raw.redis_timeout, "limits.redis_timeout")
                 .unwrap_or(Duration::from_millis(500)),
+            admit_wait: self
+                .seconds(raw.admit_wait, "limits.admit_wait")
+                .unwrap_or(Duration::from_millis(25)),
         }
     }
 

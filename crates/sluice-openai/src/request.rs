@@ -694,11 +694,13 @@ mod tests {
                 "{body}"
             );
         }
-        let long = format!(r#"{{"model":"a","messages":[],"seed":{}}}"#, "9".repeat(400));
+        let long = format!(
+            r#"{{"model":"a","messages":[],"seed":{}}}"#,
+            "9".repeat(400)
+        );
         assert!(matches!(parse(&long), Err(ParseError::NumberOutOfRange(_))));
         // Large but finite, and anything inside a string, is fine.
-        parse(r#"{"model":"a","messages":[{"role":"user","content":"1e999"}],"x":1e308}"#)
-            .unwrap();
+        parse(r#"{"model":"a","messages":[{"role":"user","content":"1e999"}],"x":1e308}"#).unwrap();
     }
 
     #[test]

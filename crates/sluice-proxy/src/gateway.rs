@@ -26,7 +26,6 @@ use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream, UpstreamAnswer};
 
-
 /// Response headers never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and framing,
 /// which Sluice's own server sets for the client connection.
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -1191,7 +1190,11 @@ fn declares_json(session: &ServerSession) -> bool {
     let Some(v) = session.get_header(header::CONTENT_TYPE) else {
         return true;
     };
-    let essence = v.as_bytes().split(|b| *b == b';').next().unwrap_or_default();
+    let essence = v
+        .as_bytes()
+        .split(|b| *b == b';')
+        .next()
+        .unwrap_or_default();
     let essence = essence.trim_ascii();
     essence.eq_ignore_ascii_case(b"application/json")
         || (essence.len() > 5

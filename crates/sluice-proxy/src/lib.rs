@@ -240,6 +240,7 @@ pub fn limiter_for(config: &Config, threads: usize) -> Arc<Limiter> {
         tick: std::time::Duration::from_millis(50)
             .min(slot / 2)
             .max(std::time::Duration::from_millis(5)),
+        admit_wait: l.admit_wait,
     };
     let ledger: Arc<dyn Ledger> = match &config.redis {
         Some(r) => Arc::new(RedisLedger::new(r.url.expose(), window, l.redis_timeout)),
@@ -313,7 +314,11 @@ impl pingora_core::apps::ServerApp for Front {
         mut stream: pingora_core::protocols::Stream,
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::protocols::Stream> {
-        let Some(h2c) = self.h2c.as_ref().filter(|_| stream.get_ssl_digest().is_none()) else {
+        let Some(h2c) = self
+            .h2c
+            .as_ref()
+            .filter(|_| stream.get_ssl_digest().is_none())
+        else {
             return self.h1.process_new(stream, shutdown).await;
         };
         let limit = self.h1.0.client_timeout();

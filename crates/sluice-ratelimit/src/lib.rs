@@ -42,7 +42,10 @@
 //!
 //! **Ledger down** ([`OnRedisError`]): `local` grants from an in-process ledger sized
 //! `limit ÷ N` (N last known), `open` admits, `closed` refuses; the ledger is retried with
-//! backoff and claims return to it as soon as it answers.
+//! backoff and claims return to it as soon as it answers. **Ledger slow**: a request that
+//! needs a claim waits at most `admit_wait`, then is served the same way (the claim completes
+//! in the background and its grant goes to the shards), so a slow Redis costs a request
+//! `admit_wait` at most, and a Redis slow for a whole window gives the outage bound.
 //!
 //! Not here: HTTP, config files, routing. The proxy builds [`LimitSpec`]s from its config and
 //! asks [`Limiter::admit`].

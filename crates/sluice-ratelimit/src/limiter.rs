@@ -152,6 +152,9 @@ pub struct Settings {
     pub replica_id: String,
     /// Maintenance tick: EWMA sampling, lease expiry, prefetch.
     pub tick: Duration,
+    /// Longest a request waits on a ledger claim before it is served as if the ledger were
+    /// down ([`OnRedisError`]); the claim still completes in the background.
+    pub admit_wait: Duration,
 }
 
 impl Default for Settings {
@@ -166,6 +169,7 @@ impl Default for Settings {
             heartbeat: Duration::from_secs(1),
             replica_id: "replica".to_owned(),
             tick: Duration::from_millis(50),
+            admit_wait: Duration::from_millis(20),
         }
     }
 }
@@ -425,7 +429,7 @@ impl Limiter {
             let outcome = if h.0.local.try_take(*cost as i64) {
                 Ok(())
             } else {
-                self.claim_for(&h.0, *cost, true).await
+                self.claim_patiently(&h.0, *cost).await
             };
             if let Err(retry_after) = outcome {
                 for (h, cost) in &costs[..reserved] {
@@ -480,6 +484,42 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+
+    /// A claim for one request that waits at most `admit_wait`. A ledger slower than that is
+    /// treated like one that is down, for this request: it is served per [`OnRedisError`]
+    /// (the local share by default). The claim itself goes on in the background; what it
+    /// reserved for a caller who stopped waiting goes to the shards.
+    async fn claim_patiently(
+        self: &Arc<Self>,
+        st: &Arc<LimitState>,
+        cost: u64,
+    ) -> Result<(), Duration> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (this, claimer) = (self.clone(), st.clone());
+        tokio::spawn(async move {
+            let outcome = this.claim_for(&claimer, cost, true).await;
+            if let Err(Ok(())) = tx.send(outcome) {
+                claimer.local.put(cost as i64);
+            }
+        });
+        match tokio::time::timeout(self.settings.admit_wait, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(BACKOFF_MAX), // the claim task died (runtime shutting down)
+            Err(_) => {
+                log::debug!(
+                    "ledger slower than {:?}: {} served locally",
+                    self.settings.admit_wait,
+                    st.spec.id
+                );
+                let (grant, source) = self.fallback_grant(st, self.lease_size(st, cost), cost);
+                if grant.granted == 0 {
+                    return Err(grant.retry_after.max(Duration::from_millis(1)));
+                }
+                self.accept(st, grant, source, cost);
+                Ok(())
+            }
+        }
     }
 
     /// Demand-sized lease for `st`, at least `need`.
@@ -576,6 +616,11 @@ impl Limiter {
                 }
             }
         }
+        self.fallback_grant(st, ask, min)
+    }
+
+    /// A grant while the ledger cannot serve: per [`OnRedisError`].
+    fn fallback_grant(&self, st: &LimitState, ask: u64, min: u64) -> (Grant, Source) {
         match self.settings.on_redis_error {
             OnRedisError::Open => (
                 Grant {
