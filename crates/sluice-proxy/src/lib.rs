@@ -18,6 +18,7 @@
 mod access;
 mod gateway;
 mod limits;
+pub mod logging;
 mod metrics;
 mod reject;
 mod upstream;
@@ -207,6 +208,7 @@ impl BackgroundService for LifecycleTask {
         );
         gw.limiter().release_all().await;
         if self.exit_when_drained {
+            logging::flush();
             std::process::exit(0);
         }
     }

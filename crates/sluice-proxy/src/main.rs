@@ -44,10 +44,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,pingora_core=warn"),
-    )
-    .init();
+    sluice_proxy::logging::init("info,pingora_core=warn");
+    let code = run(&cli);
+    sluice_proxy::logging::flush();
+    code
+}
+
+fn run(cli: &Cli) -> ExitCode {
     let text = match std::fs::read_to_string(&cli.config) {
         Ok(t) => t,
         Err(e) => {

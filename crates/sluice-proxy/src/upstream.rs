@@ -6,7 +6,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy, Tracer};
+use pingora_core::utils::tls::CertKey;
 use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 use sluice_config::{Deployment, Provider};
@@ -26,7 +27,7 @@ pub struct Upstream {
     pub deployment: Deployment,
     /// Which request fields it may see.
     pub policy: FieldPolicy,
-    peer: OnceLock<HttpPeer>,
+    peer: OnceLock<PooledPeer>,
     host_header: String,
 }
 
@@ -42,6 +43,54 @@ pub struct ClientHeaders<'a> {
     pub openai_beta: Option<&'a [u8]>,
     /// Sluice's request id, so upstream logs can be matched with ours.
     pub request_id: Option<&'a [u8]>,
+}
+
+/// A deployment's [`HttpPeer`], as Pingora's connection pool sees it. It differs in one place:
+/// a pooled connection is not re-checked with `getpeername(2)` each time it is taken out
+/// (Pingora's `matches_fd`, one syscall per request). The pool is keyed by this peer's
+/// `reuse_hash`, and a pooled stream owns its socket, so its fd cannot have been reused for a
+/// connection elsewhere; what the check could still catch, a dead connection, is caught by
+/// Pingora's idle test and by `send`'s retry on a fresh connection.
+#[derive(Clone)]
+pub struct PooledPeer(HttpPeer);
+
+impl std::fmt::Display for PooledPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Peer for PooledPeer {
+    fn address(&self) -> &pingora_core::protocols::l4::socket::SocketAddr {
+        self.0.address()
+    }
+    fn tls(&self) -> bool {
+        self.0.tls()
+    }
+    fn sni(&self) -> &str {
+        self.0.sni()
+    }
+    fn reuse_hash(&self) -> u64 {
+        self.0.reuse_hash()
+    }
+    fn get_peer_options(&self) -> Option<&PeerOptions> {
+        self.0.get_peer_options()
+    }
+    fn get_mut_peer_options(&mut self) -> Option<&mut PeerOptions> {
+        self.0.get_mut_peer_options()
+    }
+    fn get_proxy(&self) -> Option<&Proxy> {
+        self.0.get_proxy()
+    }
+    fn matches_fd<V: std::os::unix::io::AsRawFd>(&self, _fd: V) -> bool {
+        true
+    }
+    fn get_client_cert_key(&self) -> Option<&std::sync::Arc<CertKey>> {
+        self.0.get_client_cert_key()
+    }
+    fn get_tracer(&self) -> Option<Tracer> {
+        self.0.get_tracer()
+    }
 }
 
 /// Why an exchange failed before a response header arrived.
@@ -142,7 +191,7 @@ impl Upstream {
 
     /// The peer, resolving the host on first use. Resolution happens once per config load;
     /// the request path after that touches no lock and no DNS.
-    async fn peer(&self) -> Result<&HttpPeer, Failure> {
+    async fn peer(&self) -> Result<&PooledPeer, Failure> {
         if let Some(p) = self.peer.get() {
             return Ok(p);
         }
@@ -157,7 +206,7 @@ impl Upstream {
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
         peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
         peer.options.idle_timeout = Some(POOL_IDLE);
-        Ok(self.peer.get_or_init(|| peer))
+        Ok(self.peer.get_or_init(|| PooledPeer(peer)))
     }
 
     /// The request line's path for `endpoint` on this deployment.
