@@ -9,8 +9,16 @@
 # Sluice: a virtual key, the allow-list filter, a deployment with rpm/tpm high enough never to
 # refuse, Redis-backed limits (a real redis-server), /metrics, the JSON access log to a file.
 # Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
-# requests/s, p50 and p99, the ratio Sluice/nginx, and Sluice's peak RSS and CPU time per 10k
-# requests. Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server).
+# requests/s, p50 and p99, the ratio Sluice/nginx, CPU per request of Sluice and of nginx, and
+# Redis commands per request. Then (PHASES, default "throughput fixed stream"):
+#   fixed   oha at a fixed rate (RATE=2000/s, FIXED_SECONDS=10) against the upstream directly
+#           and through Sluice: Sluice's added latency is the difference of p50 and p99.
+#   stream  STREAMS=1000 concurrent SSE streams of 100 chunks (20 ms apart) from sluice-mock
+#           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
+#   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
+#           requests, errors, p99, Sluice's RSS.
+# Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server) and, for
+# fixed/stream/soak, oha (cargo install oha --locked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +26,21 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-"64 256"}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-2}
-for tool in nginx wrk redis-server; do
+PHASES=${PHASES:-"throughput fixed stream"}
+RATE=${RATE:-2000}
+FIXED_SECONDS=${FIXED_SECONDS:-10}
+STREAMS=${STREAMS:-1000}
+SOAK_RATE=${SOAK_RATE:-10000}
+SOAK_MINUTES=${SOAK_MINUTES:-10}
+for tool in nginx wrk redis-server redis-cli; do
   command -v "$tool" >/dev/null || { echo "load bench: $tool is missing" >&2; exit 1; }
 done
+if [[ "$PHASES" =~ fixed|stream|soak ]] && ! command -v oha >/dev/null; then
+  echo "load bench: oha is missing (cargo install oha --locked)" >&2; exit 1
+fi
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --locked -p sluice-proxy --bin sluice >&2
+cargo build --release --locked -p sluice-proxy --bin sluice -p sluice-testkit --bin sluice-mock >&2
 work=$(mktemp -d /tmp/sluice-load.XXXXXX)
 pids=()
 cleanup() {
@@ -33,7 +51,7 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UPSTREAM=$(free_port); PROXY=$(free_port); SLUICE=$(free_port); REDIS=$(free_port)
+UPSTREAM=$(free_port); PROXY=$(free_port); SLUICE=$(free_port); REDIS=$(free_port); MOCK=$(free_port)
 
 # The upstream's answer: a realistic non-streamed chat completion.
 answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed answer from the load bench upstream, long enough to be realistic."},"finish_reason":"stop"}],"usage":{"prompt_tokens":350,"completion_tokens":24,"total_tokens":374}}'
@@ -70,7 +88,8 @@ http {
   }
 }
 EOF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & nginx_pid=$!; pids+=($nginx_pid)
+target/release/sluice-mock --port "$MOCK" --stream-chunks 100 --stream-interval-ms 20 > /dev/null & pids+=($!)
 
 redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no --logfile "$work/redis.log" & pids+=($!)
 
@@ -81,6 +100,12 @@ model_list:
       model: openai/gpt-4o-mini
       api_base: http://127.0.0.1:$UPSTREAM/v1
       api_key: sk-upstream
+      tpm: 10000000000
+      rpm: 1000000000
+  - model_name: stream-model
+    litellm_params:
+      model: openai/stream-model
+      api_base: http://127.0.0.1:$MOCK/v1
       tpm: 10000000000
       rpm: 1000000000
 general_settings:
@@ -116,8 +141,14 @@ check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE/v1/chat
 [ "$check" = 200 ] || { echo "load bench: Sluice answered $check" >&2; cat "$work/access.log" >&2; exit 1; }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-declare -A rps p50 p99
-sluice_requests=0; sluice_ticks=0
+nginx_ticks() { local t=0 p; for p in $(pgrep -P "$nginx_pid"); do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
+redis_commands() { redis-cli -p "$REDIS" info stats | tr -d '\r' | awk -F: '/^total_commands_processed/ {print $2}'; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$sluice_pid/status"; }
+declare -A rps p50 p99 fixed_p50 fixed_p99
+sluice_requests=0; sluice_ticks=0; nginx_requests=0; nginx_ticks_sum=0; redis_sum=0
+hz=$(getconf CLK_TCK)
+avg() { awk '{s=0; for(i=1;i<=NF;i++) s+=$i; printf "%.0f", s/NF}' <<<"$1"; }
+if [[ " $PHASES " == *" throughput "* ]]; then
 run() { # name port conns
   local out; out=$(wrk -t1 -c"$3" -d"${DURATION}s" --latency -s "$work/post.lua" "http://127.0.0.1:$2/v1/chat/completions")
   local r; r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -132,10 +163,15 @@ for conns in $CONNS; do
   for round in $(seq "$ROUNDS"); do
     for target in direct nginx sluice; do
       case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
-      [ "$target" = sluice ] && t0=$(cpu_ticks "$sluice_pid")
+      [ "$target" = sluice ] && { t0=$(cpu_ticks "$sluice_pid"); c0=$(redis_commands); }
+      [ "$target" = nginx ] && t0=$(nginx_ticks)
       read -r r a b n < <(run "$target" "$port" "$conns")
       if [ "$target" = sluice ]; then
         sluice_ticks=$((sluice_ticks + $(cpu_ticks "$sluice_pid") - t0)); sluice_requests=$((sluice_requests + n))
+        redis_sum=$((redis_sum + $(redis_commands) - c0))
+      fi
+      if [ "$target" = nginx ]; then
+        nginx_ticks_sum=$((nginx_ticks_sum + $(nginx_ticks) - t0)); nginx_requests=$((nginx_requests + n))
       fi
       echo "  round $round c=$conns $target: $r req/s, p50 $a, p99 $b" >&2
       rps[$target,$conns]="${rps[$target,$conns]:-} $r"; p50[$target,$conns]=$a; p99[$target,$conns]=$b
@@ -143,8 +179,6 @@ for conns in $CONNS; do
   done
 done
 
-avg() { awk '{s=0; for(i=1;i<=NF;i++) s+=$i; printf "%.0f", s/NF}' <<<"$1"; }
-hz=$(getconf CLK_TCK)
 printf '\n%-8s %6s %12s %10s %10s\n' target conns "req/s (avg)" "p50 (last)" "p99 (last)"
 for conns in $CONNS; do
   for target in direct nginx sluice; do
@@ -155,5 +189,69 @@ for conns in $CONNS; do
 done
 rss=$(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")
 cpu_us=$(awk -v t="$sluice_ticks" -v hz="$hz" -v n="$sluice_requests" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
+nginx_us=$(awk -v t="$nginx_ticks_sum" -v hz="$hz" -v n="$nginx_requests" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
 echo "sluice: peak RSS $rss; CPU $cpu_us µs per request ($(awk -v c="$cpu_us" 'BEGIN{printf "%.2f", c*10000/1e6}') s per 10k requests) over $sluice_requests requests"
+echo "nginx: CPU $nginx_us µs per request (workers) over $nginx_requests requests"
+echo "redis: $(awk -v c="$redis_sum" -v n="$sluice_requests" 'BEGIN{printf "%.5f", c/n}') commands per Sluice request ($redis_sum commands)"
 echo "sluice: $(wc -l < "$work/access.log") access-log lines written"
+fi
+
+# oha's JSON summary as "requests errors p50_us p99_us".
+oha_summary() {
+  python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+codes = d.get("statusCodeDistribution", {})
+ok = sum(v for k, v in codes.items() if k.startswith("2"))
+errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(d.get("errorDistribution", {}).values())
+if errors:
+    print("  errors:", {k: v for k, v in codes.items() if not k.startswith("2")}, d.get("errorDistribution", {}), file=sys.stderr)
+p = d["latencyPercentiles"]
+print(ok + errors, errors, round((p["p50"] or 0) * 1e6), round((p["p99"] or 0) * 1e6))
+' "$1"
+}
+oha_post() { # url body_file out_file [oha args...]
+  local url=$1 body=$2 out=$3; shift 3
+  oha --no-tui -m POST -T application/json -H "Authorization: Bearer sk-bench" -D "$body" \
+    --output-format json -o "$out" "$@" "$url" >/dev/null
+}
+
+if [[ " $PHASES " == *" fixed "* ]]; then
+  echo
+  echo "fixed rate: $RATE req/s for ${FIXED_SECONDS}s, 32 connections, latency-corrected"
+  for target in direct sluice direct sluice; do
+    case $target in direct) port=$UPSTREAM;; sluice) port=$SLUICE;; esac
+    oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/fixed.json" \
+      -z "${FIXED_SECONDS}s" -q "$RATE" --latency-correction -c 32
+    read -r n e a b < <(oha_summary "$work/fixed.json")
+    echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
+    fixed_p50[$target]=$a; fixed_p99[$target]=$b
+  done 2>&1
+  echo "sluice adds: p50 $(( ${fixed_p50[sluice]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[sluice]} - ${fixed_p99[direct]} )) µs (last round)"
+fi
+
+if [[ " $PHASES " == *" stream "* ]]; then
+  echo
+  printf '{"model":"stream-model","stream":true,"messages":[{"role":"user","content":"stream please"}]}' > "$work/stream.json"
+  base=$(rss_kb); peak=$base
+  oha_post "http://127.0.0.1:$SLUICE/v1/chat/completions" "$work/stream.json" "$work/stream-out.json" \
+    -n "$STREAMS" -c "$STREAMS" -t 60s & oha_pid=$!
+  while kill -0 "$oha_pid" 2>/dev/null; do r=$(rss_kb); (( r > peak )) && peak=$r; sleep 0.1; done
+  wait "$oha_pid" || true
+  read -r n e a b < <(oha_summary "$work/stream-out.json")
+  echo "streams: $STREAMS concurrent SSE streams of 100 chunks (20 ms apart): $n done, $e errors, duration p50 $((a / 1000)) ms, p99 $((b / 1000)) ms"
+  echo "sluice RSS during the streams: $((base / 1024)) MB before, $((peak / 1024)) MB peak"
+  (( e == 0 )) || { echo "  sluice's last warnings:"; grep -v 'sluice::access' "$work/access.log" | tail -3; } >&2
+fi
+
+if [[ " $PHASES " == *" soak "* ]]; then
+  echo
+  echo "soak: $SOAK_RATE req/s for $SOAK_MINUTES min through Sluice (Redis-backed limits), a line per minute"
+  for minute in $(seq "$SOAK_MINUTES"); do
+    oha_post "http://127.0.0.1:$SLUICE/v1/chat/completions" "$work/body.json" "$work/soak.json" \
+      -z 60s -q "$SOAK_RATE" --latency-correction -c 64
+    read -r n e a b < <(oha_summary "$work/soak.json")
+    echo "  minute $minute: $n requests, $e errors ($(awk -v e="$e" -v n="$n" 'BEGIN{printf "%.4f", 100*e/n}') %), p50 ${a} µs, p99 ${b} µs, RSS $(( $(rss_kb) / 1024 )) MB"
+  done
+  echo "soak: RSS peak $(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")"
+fi

@@ -36,6 +36,12 @@ struct Args {
     /// Require this API key.
     #[arg(long)]
     api_key: Option<String>,
+    /// Content events per stream.
+    #[arg(long, default_value_t = 3)]
+    stream_chunks: usize,
+    /// Pause between stream events, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    stream_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -49,6 +55,8 @@ async fn main() -> std::io::Result<()> {
         rpm_limit: args.rpm,
         strict: args.strict,
         api_key: args.api_key,
+        stream_chunks: args.stream_chunks,
+        stream_interval: Duration::from_millis(args.stream_interval_ms),
         ..MockConfig::default()
     };
     let mock = MockUpstream::bind(&format!("{}:{}", args.host, args.port), config).await?;
