@@ -18,7 +18,8 @@
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
 #           requests, errors, p99, Sluice's RSS.
 # Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server) and, for
-# fixed/stream/soak, oha (cargo install oha --locked).
+# fixed/stream/soak, oha (cargo install oha --locked). SLUICE_WRAP prefixes Sluice's command
+# (e.g. SLUICE_WRAP="valgrind --tool=massif" to profile its heap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -118,7 +119,7 @@ server:
   host: 127.0.0.1
   threads: $THREADS
 EOF
-RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} target/release/sluice --config "$work/sluice.yaml" --port "$SLUICE" \
+RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} ${SLUICE_WRAP:-} ${SLUICE_BIN:-target/release/sluice} --config "$work/sluice.yaml" --port "$SLUICE" \
   --upgrade-sock "$work/upgrade.sock" 2> "$work/access.log" & sluice_pid=$!; pids+=($sluice_pid)
 
 # A ~1.5 KB chat request, with one field the allow-list drops.
@@ -133,7 +134,7 @@ local f = io.open("$work/body.json", "r"); wrk.body = f:read("*a"); f:close()
 EOF
 
 for port in "$UPSTREAM" "$PROXY" "$SLUICE"; do
-  for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" -X GET 2>/dev/null && break
+  for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" -X GET 2>/dev/null && break
     curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && [ "$port" != "$SLUICE" ] && break; sleep 0.1; done
 done
 check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE/v1/chat/completions" \
@@ -203,9 +204,12 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 codes = d.get("statusCodeDistribution", {})
 ok = sum(v for k, v in codes.items() if k.startswith("2"))
-errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(d.get("errorDistribution", {}).values())
+# oha cancels what is in flight when a -z run ends: its own cut, not a server error.
+cut = "aborted due to deadline"
+failed = {k: v for k, v in d.get("errorDistribution", {}).items() if k != cut}
+errors = sum(v for k, v in codes.items() if not k.startswith("2")) + sum(failed.values())
 if errors:
-    print("  errors:", {k: v for k, v in codes.items() if not k.startswith("2")}, d.get("errorDistribution", {}), file=sys.stderr)
+    print("  errors:", {k: v for k, v in codes.items() if not k.startswith("2")}, failed, file=sys.stderr)
 p = d["latencyPercentiles"]
 print(ok + errors, errors, round((p["p50"] or 0) * 1e6), round((p["p99"] or 0) * 1e6))
 ' "$1"
@@ -254,4 +258,6 @@ if [[ " $PHASES " == *" soak "* ]]; then
     echo "  minute $minute: $n requests, $e errors ($(awk -v e="$e" -v n="$n" 'BEGIN{printf "%.4f", 100*e/n}') %), p50 ${a} µs, p99 ${b} µs, RSS $(( $(rss_kb) / 1024 )) MB"
   done
   echo "soak: RSS peak $(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")"
+  sleep 15
+  echo "soak: RSS after 15 s idle: $(( $(rss_kb) / 1024 )) MB"
 fi

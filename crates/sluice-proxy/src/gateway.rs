@@ -995,6 +995,7 @@ impl Ctx<'_> {
             prompt_tokens,
         } = served;
         let id = upstream.deployment.id.as_str();
+        let idle = upstream.deployment.stream_timeout;
         let Some(up) = exchange.session.response_header() else {
             return;
         };
@@ -1040,7 +1041,7 @@ impl Ctx<'_> {
             // idle probe's syscall on the hot path).
             let read = if sse {
                 tokio::select! {
-                    r = exchange.session.read_response_body() => r,
+                    r = exchange.read_chunk(idle) => r,
                     _ = session.read_body_or_idle(true) => {
                         self.abandoned(admitted.take(), sse_relay.as_ref(), prompt_tokens, access);
                         session.set_keepalive(None);
@@ -1049,7 +1050,7 @@ impl Ctx<'_> {
                     }
                 }
             } else {
-                exchange.session.read_response_body().await
+                exchange.read_chunk(idle).await
             };
             match read {
                 Ok(Some(chunk)) => {
@@ -1144,10 +1145,10 @@ impl HttpServerApp for Gateway {
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         let client_timeout = self.state.load().config.server.client_timeout;
-        session.set_read_timeout(Some(client_timeout));
         // Pipelined HTTP/1.1 requests are answered in order, one after the other.
         session.set_pipelining_enabled(true);
-        // The whole header within `client_timeout`, however slowly it trickles in.
+        // The whole header within `client_timeout`, however slowly it trickles in (a tokio
+        // timer, freed with the read; no Pingora read timeout, whose timers outlive reads).
         match tokio::time::timeout(client_timeout, session.read_request()).await {
             Ok(Ok(true)) => {}
             _ => return None,

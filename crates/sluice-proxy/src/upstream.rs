@@ -125,6 +125,20 @@ impl std::fmt::Display for Failure {
     }
 }
 
+impl Exchange {
+    /// The next piece of the answer's body, waiting at most `idle` for it (a stalled upstream
+    /// is a `ReadTimedout` error, like any broken read).
+    ///
+    /// # Errors
+    /// Pingora's read error, or `ReadTimedout` after `idle`.
+    pub async fn read_chunk(&mut self, idle: Duration) -> pingora_error::Result<Option<Bytes>> {
+        match tokio::time::timeout(idle, self.session.read_response_body()).await {
+            Ok(read) => read,
+            Err(_) => Error::e_explain(ErrorType::ReadTimedout, "no answer data in time"),
+        }
+    }
+}
+
 /// An error answer read whole (bounded), to inspect and maybe pass on.
 pub struct UpstreamAnswer {
     /// Status and headers.
@@ -288,7 +302,10 @@ impl Upstream {
                     .get_http_session(peer)
                     .await
                     .map_err(|e| Failure::Connect(e.to_string()))?;
-                session.set_read_timeout(Some(self.deployment.stream_timeout));
+                // No Pingora read timeout: its timers live until they expire (10 min by
+                // default here) whether or not the read finished, which holds megabytes at a
+                // few thousand requests a second. The deadline below and `read_chunk` bound
+                // every wait with tokio timers, which go away with the read.
                 let header = self.request_header(endpoint, body.len(), client)?;
                 let sent = async {
                     session.write_request_header(Box::new(header)).await?;
@@ -363,7 +380,7 @@ impl Upstream {
         let body = timeout_at(deadline, async {
             let mut body = bytes::BytesMut::new();
             loop {
-                match exchange.session.read_response_body().await {
+                match exchange.read_chunk(self.deployment.stream_timeout).await {
                     // The common case, one read holding the whole body: no copy.
                     Ok(Some(chunk)) if body.is_empty() && exchange.session.response_done() => {
                         if chunk.len() > limit {

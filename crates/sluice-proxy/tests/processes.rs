@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sluice_testkit::{free_port, MockConfig, MockUpstream, RedisServer};
+use sluice_testkit::{free_port, Fault, MockConfig, MockUpstream, RedisServer};
 use tokio::time::Instant;
 
 /// Seconds per window in these tests.
@@ -509,6 +509,124 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
     // one lease (max_lease = 50 % of 40 = 20) beyond the limit.
     let total = up.requests().len() as u64;
     assert!(total <= limit + 20, "{total} served of {limit}");
+}
+
+/// Sockets the process holds (client and upstream connections, listeners).
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Broken upstreams and clients that hang up leave no connection behind: after bursts of cut,
+/// stalled and abandoned exchanges (20 concurrent each), the process holds no more sockets
+/// than before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_and_hang_ups_leak_no_connections() {
+    let mock = |fault: Option<Fault>| {
+        MockUpstream::start(MockConfig {
+            fault,
+            stream_chunks: 50,
+            stream_interval: Duration::from_millis(20),
+            ..MockConfig::default()
+        })
+    };
+    let (ok, cut, stall) = (
+        mock(None).await.unwrap(),
+        mock(Some(Fault::CutJson)).await.unwrap(),
+        mock(Some(Fault::Stall)).await.unwrap(),
+    );
+    let fast = ", timeout: 0.3, stream_timeout: 0.3";
+    let cfg = lifecycle_config(&ok.base_url(), &["ok"], "")
+        + &format!(
+            "  - model_name: cut\n    litellm_params: {{model: openai/x, api_base: '{}'}}\n\
+             \x20 - model_name: stall\n    litellm_params: {{model: openai/x, api_base: '{}'{fast}}}\n\
+             \x20 - model_name: stall-stream\n    litellm_params: {{model: openai/x, api_base: '{}'{fast}}}\n\
+             router_settings: {{allowed_fails: 1000}}\n",
+            cut.base_url(),
+            stall.base_url(),
+            stall.base_url()
+        );
+    let replica = Replica::spawn(&cfg, "leaks");
+    replica.wait_for("ready", |_| true).await;
+    let pid = replica.child.id();
+    let burst = |group: &'static str, stream: bool, hang_up: bool| {
+        let url = replica.url("/v1/chat/completions");
+        async move {
+            let client = client();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..20 {
+                let req = client.post(&url).body(format!(
+                    r#"{{"model":"{group}","stream":{stream},"messages":[{{"role":"user","content":"hi"}}]}}"#
+                ));
+                tasks.spawn(async move {
+                    let Ok(mut resp) = req.send().await else {
+                        return 0;
+                    };
+                    let status = resp.status().as_u16();
+                    if hang_up {
+                        let _ = resp.chunk().await; // one event, then hang up
+                    } else {
+                        while let Ok(Some(_)) = resp.chunk().await {}
+                    }
+                    status
+                });
+            }
+            tasks.join_all().await
+        }
+    };
+    // One healthy exchange first: its upstream connection stays pooled, in the baseline.
+    assert_eq!(
+        client()
+            .post(replica.url("/v1/chat/completions"))
+            .body(BODY.replace("\"m\"", "\"ok\""))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let settle = || async {
+        // Our client is gone; let Sluice notice the closed client connections.
+        let started = Instant::now();
+        let mut last = sockets(pid);
+        while started.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = sockets(pid);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
+    let baseline = settle().await;
+    // Failures never cool a deployment down here (allowed_fails), so every request of a
+    // burst reaches its broken upstream.
+    for (group, stream, hang_up, want) in [
+        ("cut", false, false, 502),
+        ("stall", false, false, 504),
+        ("stall-stream", true, false, 200),
+        ("ok", true, true, 200),
+    ] {
+        let statuses = burst(group, stream, hang_up).await;
+        assert!(statuses.iter().all(|s| *s == want), "{group}: {statuses:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let n = sockets(pid);
+        if n <= baseline + 2 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("leaks: {baseline} sockets before, {after} after 80 broken exchanges");
+    assert!(
+        after <= baseline + 2,
+        "{after} sockets open after the faults, {baseline} before: connections leaked"
+    );
 }
 
 /// Three masters, slots spread by `redis-cli --cluster create`.
