@@ -91,7 +91,7 @@ impl SseRelay {
         if !self.strip_usage_chunk {
             // Scan complete lines for usage; forward the chunk untouched.
             self.pending.extend_from_slice(&chunk);
-            while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            while let Some(end) = memchr::memchr(b'\n', &self.pending) {
                 let line = self.pending.split_to(end + 1);
                 self.scan_line(&line);
             }
@@ -147,17 +147,28 @@ impl SseRelay {
     }
 }
 
+/// Where an event may carry usage: after a `"usage"` key whose value is not `null`. OpenAI
+/// sends `"usage":null` in every chunk of a stream that asked for usage; those are skipped
+/// without parsing the event.
 fn memchr_usage(data: &[u8]) -> Option<usize> {
-    data.windows(7).position(|w| w == b"\"usage\"")
+    let finder = memchr::memmem::Finder::new(b"\"usage\"");
+    let mut from = 0;
+    while let Some(at) = finder.find(&data[from..]) {
+        let key = from + at;
+        let rest = data[key + 7..].trim_ascii_start();
+        let value = rest.strip_prefix(b":").map(<[u8]>::trim_ascii_start);
+        match value {
+            Some(v) if v.starts_with(b"null") => from = key + 7,
+            _ => return Some(key),
+        }
+    }
+    None
 }
 
 /// The end of the first complete event in `buf`: (index of the blank line, its length).
 fn event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i, 2));
+    let crlf = memchr::memmem::find(buf, b"\r\n\r\n").map(|i| (i, 4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),

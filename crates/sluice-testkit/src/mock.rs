@@ -147,7 +147,20 @@ impl MockUpstream {
     /// # Errors
     /// When `addr` cannot be bound.
     pub async fn bind(addr: &str, config: MockConfig) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(addr).await?;
+        let at = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{addr}: no address")))?;
+        let socket = if at.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(at)?;
+        // A deep accept queue: a load bench opens a thousand connections at once, and a full
+        // queue makes the kernel reset connections the client already thinks are open.
+        let listener: TcpListener = socket.listen(4096)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             config: Mutex::new(config),
