@@ -11,8 +11,8 @@
 # Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
 # requests/s, p50 and p99, the ratio Sluice/nginx, CPU per request of Sluice and of nginx, and
 # Redis commands per request. Then (PHASES, default "throughput fixed stream"):
-#   fixed   oha at a fixed rate (RATE=2000/s, FIXED_SECONDS=10) against the upstream directly
-#           and through Sluice: Sluice's added latency is the difference of p50 and p99.
+#   fixed   oha at a fixed rate (RATE=2000/s, FIXED_SECONDS=10) against the upstream directly,
+#           through nginx and through Sluice: added latency is the difference of p50 and p99.
 #   stream  STREAMS=1000 concurrent SSE streams of 100 chunks (20 ms apart) from sluice-mock
 #           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
@@ -223,15 +223,17 @@ oha_post() { # url body_file out_file [oha args...]
 if [[ " $PHASES " == *" fixed "* ]]; then
   echo
   echo "fixed rate: $RATE req/s for ${FIXED_SECONDS}s, 32 connections, latency-corrected"
-  for target in direct sluice direct sluice; do
-    case $target in direct) port=$UPSTREAM;; sluice) port=$SLUICE;; esac
+  for target in direct nginx sluice direct nginx sluice; do
+    case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
     oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/fixed.json" \
       -z "${FIXED_SECONDS}s" -q "$RATE" --latency-correction -c 32
     read -r n e a b < <(oha_summary "$work/fixed.json")
     echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
     fixed_p50[$target]=$a; fixed_p99[$target]=$b
   done 2>&1
-  echo "sluice adds: p50 $(( ${fixed_p50[sluice]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[sluice]} - ${fixed_p99[direct]} )) µs (last round)"
+  for target in nginx sluice; do
+    echo "$target adds: p50 $(( ${fixed_p50[$target]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[$target]} - ${fixed_p99[direct]} )) µs (last round)"
+  done
 fi
 
 if [[ " $PHASES " == *" stream "* ]]; then
