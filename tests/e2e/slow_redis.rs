@@ -68,8 +68,10 @@ async fn a_paused_redis_does_not_slow_requests_down() {
         dp99 < p99 + Duration::from_millis(50),
         "p99 went from {p99:?} to {dp99:?} while Redis was paused"
     );
+    // Waiting out Redis would take `redis_timeout` (500 ms); `admit_wait` is 25 ms. The margin
+    // is for a loaded CI machine, not for Redis.
     assert!(
-        dmax < Duration::from_millis(100),
+        dmax < Duration::from_millis(250),
         "a request waited {dmax:?} on a paused Redis"
     );
 }
