@@ -37,7 +37,7 @@ struct WithUsage {
 
 /// The `usage` of a whole JSON response body, if it has one.
 pub fn usage_of_json(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<WithUsage>(body).ok()?.usage
+    json_answer(body).flatten()
 }
 
 /// Reads a whole JSON answer: `None` when it is not JSON at all (a broken upstream), else its

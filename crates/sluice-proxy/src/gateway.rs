@@ -158,16 +158,19 @@ fn answer_fits(exchange: &Exchange) -> bool {
     let Some(h) = exchange.session.response_header() else {
         return false;
     };
-    let sse = h
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let length = h
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    !sse && length.is_some_and(|n| n <= USAGE_SCAN_LIMIT)
+    !is_event_stream(h) && length.is_some_and(|n| n <= USAGE_SCAN_LIMIT)
+}
+
+/// Whether an answer is a server-sent event stream.
+fn is_event_stream(h: &ResponseHeader) -> bool {
+    h.headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// A successful attempt, handed to the relay.
@@ -906,21 +909,10 @@ impl Ctx<'_> {
         rate: RateHeaders,
         access: &Access,
     ) {
-        let up = &answer.header;
-        let Ok(mut resp) = ResponseHeader::build(up.status, Some(up.headers.len() + 6)) else {
+        let Some(mut resp) = self.answer_header(&answer.header, false, id, rate, access) else {
             return;
         };
-        for (name, value) in &up.headers {
-            if !HOP_BY_HOP.contains(name) && *name != header::CONTENT_LENGTH {
-                let _ = resp.append_header(name.clone(), value.clone());
-            }
-        }
         let _ = resp.insert_header(header::CONTENT_LENGTH, answer.body.len());
-        if self.st.config.server.deployment_header {
-            let _ = resp.insert_header("x-sluice-deployment", id);
-        }
-        tag_request_id(&mut resp, &access.request_id);
-        rate.apply(&mut resp);
         let tasks = vec![
             HttpTask::Header(Box::new(resp), false),
             HttpTask::Body(Some(answer.body.clone()), true),
@@ -928,6 +920,31 @@ impl Ctx<'_> {
         if let Err(e) = session.response_duplex_vec(tasks).await {
             log::debug!("request {}: answer not delivered: {e}", access.request_id);
         }
+    }
+
+    /// The client's response header for an upstream's 2xx answer: the upstream's headers but
+    /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own.
+    fn answer_header(
+        &self,
+        up: &ResponseHeader,
+        keep_length: bool,
+        id: &str,
+        rate: RateHeaders,
+        access: &Access,
+    ) -> Option<ResponseHeader> {
+        let mut resp = ResponseHeader::build(up.status, Some(up.headers.len() + 6)).ok()?;
+        for (name, value) in &up.headers {
+            let length = *name == header::CONTENT_LENGTH;
+            if !HOP_BY_HOP.contains(name) && (keep_length || !length) {
+                let _ = resp.append_header(name.clone(), value.clone());
+            }
+        }
+        if self.st.config.server.deployment_header {
+            let _ = resp.insert_header("x-sluice-deployment", id);
+        }
+        tag_request_id(&mut resp, &access.request_id);
+        rate.apply(&mut resp);
+        Some(resp)
     }
 
     /// Settles an answer the client hung up on. A stream is charged what it generated so far
@@ -1000,26 +1017,11 @@ impl Ctx<'_> {
             return;
         };
         let ok = up.status.is_success();
-        let sse = up
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let mut resp = match ResponseHeader::build(up.status, Some(up.headers.len() + 6)) {
-            Ok(r) => r,
-            Err(_) => return,
+        let sse = is_event_stream(up);
+        // A stripped usage chunk changes the length: let the server re-frame it.
+        let Some(resp) = self.answer_header(up, !injected_usage, id, rate, access) else {
+            return;
         };
-        for (name, value) in &up.headers {
-            // A stripped usage chunk changes the length: let the server re-frame it.
-            let reframed = injected_usage && *name == header::CONTENT_LENGTH;
-            if !HOP_BY_HOP.contains(name) && !reframed {
-                let _ = resp.append_header(name.clone(), value.clone());
-            }
-        }
-        if self.st.config.server.deployment_header {
-            let _ = resp.insert_header("x-sluice-deployment", id);
-        }
-        tag_request_id(&mut resp, &access.request_id);
-        rate.apply(&mut resp);
         if session.write_response_header(Box::new(resp)).await.is_err() {
             return; // unsent: dropping `admitted` releases it
         }
