@@ -224,27 +224,28 @@ async fn broken_http_is_refused_and_pipelined_requests_are_answered_in_order() {
     assert_eq!(s.chat(chat("m")).await.status(), 200);
 }
 
-/// Trickles `bytes` one every 100 ms until the server answers or closes; returns the answer
-/// and when it came.
-async fn trickle(s: &Sluice, bytes: &[u8]) -> (String, Duration) {
-    let started = Instant::now();
+/// A slow client: sends `at_once`, then `slowly` a byte every 100 ms, until the server answers
+/// or closes (at most 10 s); returns the answer and how long after `at_once` it came.
+async fn trickle(s: &Sluice, at_once: &[u8], slowly: &[u8]) -> (String, Duration) {
     let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    conn.write_all(at_once).await.unwrap();
+    let started = Instant::now();
     let (mut rd, mut wr) = conn.split();
     let mut out = Vec::new();
     let writer = async {
-        for b in bytes {
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
+        for b in slowly {
+            pace.tick().await;
             if wr.write_all(&[*b]).await.is_err() {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         std::future::pending::<()>().await;
     };
-    let reader = rd.read_to_end(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         tokio::select! {
             _ = writer => {}
-            _ = reader => {}
+            _ = rd.read_to_end(&mut out) => {}
         }
     })
     .await;
@@ -264,7 +265,7 @@ async fn slow_loris_headers_and_bodies_are_cut_off_at_the_client_timeout() {
     .await;
     // Headers a byte per 100 ms (each read is quick, the whole never comes): closed.
     let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
-    let (out, took) = trickle(&s, head.as_bytes()).await;
+    let (out, took) = trickle(&s, b"", head.as_bytes()).await;
     assert!(out.is_empty(), "{out}");
     assert!(
         took < Duration::from_secs(2),
@@ -272,38 +273,11 @@ async fn slow_loris_headers_and_bodies_are_cut_off_at_the_client_timeout() {
     );
     // Headers at once, then the body a byte per 100 ms: 408 in OpenAI's shape, closed.
     let body = chat("m");
-    let mut req = format!(
+    let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    let mut conn = TcpStream::connect(s.addr).await.unwrap();
-    conn.write_all(req.as_bytes()).await.unwrap();
-    req.clear();
-    let started = Instant::now();
-    let (out, took) = {
-        let (mut rd, mut wr) = conn.split();
-        let mut out = Vec::new();
-        let writer = async {
-            for b in body.as_bytes() {
-                if wr.write_all(&[*b]).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            std::future::pending::<()>().await;
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            tokio::select! {
-                _ = writer => {}
-                _ = rd.read_to_end(&mut out) => {}
-            }
-        })
-        .await;
-        (
-            String::from_utf8_lossy(&out).into_owned(),
-            started.elapsed(),
-        )
-    };
+    let (out, took) = trickle(&s, head.as_bytes(), body.as_bytes()).await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
     assert!(out.contains("request_timeout"), "{out}");
     assert!(took < Duration::from_secs(2), "slow body held on {took:?}");

@@ -58,6 +58,11 @@ impl Replica {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// `POST /v1/chat/completions` with `body`, to add headers to and send.
+    fn chat(&self, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
+        client().post(self.url("/v1/chat/completions")).body(body)
+    }
+
     /// A gauge from `/metrics`, e.g. `sluice_ratelimit_overshoot_bound{scope="…"}`.
     async fn metric(&self, series: &str) -> u64 {
         let text = client()
@@ -448,16 +453,9 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
     let a = &replicas[0];
     let held = "sluice_ratelimit_held{scope=\"deployment:m.0:rpm\"}";
     // Load on A until it holds budget it has not spent (its demand-sized prefetch), then kill it.
-    let client = client();
     let started = Instant::now();
     let unspent = loop {
-        let r = client
-            .post(a.url("/v1/chat/completions"))
-            .body(BODY)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(a.chat(BODY).send().await.unwrap().status(), 200);
         let h = a.metric(held).await;
         if h > 0 {
             break h;
@@ -482,13 +480,7 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
             "the dead replica's budget never came back: served {} of {limit}",
             up.requests().len()
         );
-        let r = client
-            .post(b.url("/v1/chat/completions"))
-            .body(BODY)
-            .send()
-            .await
-            .unwrap();
-        statuses.push(r.status().as_u16());
+        statuses.push(b.chat(BODY).send().await.unwrap().status().as_u16());
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let back = killed.elapsed();
@@ -578,16 +570,8 @@ async fn upstream_faults_and_hang_ups_leak_no_connections() {
         }
     };
     // One healthy exchange first: its upstream connection stays pooled, in the baseline.
-    assert_eq!(
-        client()
-            .post(replica.url("/v1/chat/completions"))
-            .body(BODY.replace("\"m\"", "\"ok\""))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    let warm = replica.chat(BODY.replace("\"m\"", "\"ok\"")).send().await;
+    assert_eq!(warm.unwrap().status(), 200);
     let settle = || async {
         // Our client is gone; let Sluice notice the closed client connections.
         let started = Instant::now();
@@ -780,11 +764,10 @@ async fn the_access_log_names_every_attempt_and_skip_but_no_secret() {
     let (replica, log) = Replica::spawn_logging(&cfg, "access", "warn,sluice::access=info");
     replica.wait_for("ready", |_| true).await;
     for _ in 0..2 {
-        let resp = client()
-            .post(replica.url("/v1/chat/completions"))
+        let resp = replica
+            .chat(BODY)
             .bearer_auth("sk-team-secret")
             .header("x-request-id", "req-42")
-            .body(BODY)
             .send()
             .await
             .unwrap();
@@ -876,9 +859,8 @@ async fn drains_on(sig: &str) {
     let cfg = lifecycle_config(&up.base_url(), &["m"], "server: {grace_period: 20}\n");
     let mut replica = Replica::spawn(&cfg, &format!("drain-{sig}"));
     replica.wait_for("ready", |_| true).await;
-    let mut stream = client()
-        .post(replica.url("/v1/chat/completions"))
-        .body(r#"{"model":"m","stream":true,"messages":[]}"#)
+    let mut stream = replica
+        .chat(r#"{"model":"m","stream":true,"messages":[]}"#)
         .send()
         .await
         .unwrap();
@@ -932,9 +914,8 @@ async fn sighup_reloads_and_a_broken_config_leaves_the_old_one_serving() {
         .join(format!("sluice-replicas-{}", std::process::id()))
         .join(format!("hup-{}.yaml", replica.port));
     let ask = |group: &'static str| {
-        client()
-            .post(replica.url("/v1/chat/completions"))
-            .body(format!(r#"{{"model":"{group}","messages":[]}}"#))
+        replica
+            .chat(format!(r#"{{"model":"{group}","messages":[]}}"#))
             .send()
     };
     assert_eq!(ask("b").await.unwrap().status(), 404);
@@ -987,10 +968,9 @@ async fn admin_reload_needs_the_master_key() {
     };
     assert_eq!(reload("sk-user").await.unwrap().status(), 403);
     assert_eq!(reload("sk-admin").await.unwrap().status(), 200);
-    let resp = client()
-        .post(replica.url("/v1/chat/completions"))
+    let resp = replica
+        .chat(r#"{"model":"c","messages":[]}"#)
         .bearer_auth("sk-admin")
-        .body(r#"{"model":"c","messages":[]}"#)
         .send()
         .await
         .unwrap();

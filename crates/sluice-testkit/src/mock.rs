@@ -124,6 +124,8 @@ struct State {
     window: Mutex<VecDeque<Instant>>,
     connections: AtomicUsize,
     cancelled: AtomicUsize,
+    /// Woken whenever `cancelled` grows.
+    cancel: tokio::sync::Notify,
 }
 
 /// A running mock upstream on `127.0.0.1:<ephemeral>`. Stops when dropped.
@@ -168,6 +170,7 @@ impl MockUpstream {
             window: Mutex::new(VecDeque::new()),
             connections: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
+            cancel: tokio::sync::Notify::new(),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self { addr, state, task })
@@ -201,6 +204,22 @@ impl MockUpstream {
     /// How many streams were cut off by the client (Sluice) before their end.
     pub fn cancelled(&self) -> usize {
         self.state.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` streams were cut off (see [`Self::cancelled`]), for at most
+    /// `within`; whether they were.
+    pub async fn wait_cancelled(&self, n: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            // Registered before the check, so a cancellation in between is not missed.
+            let woken = self.state.cancel.notified();
+            if self.cancelled() >= n {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return self.cancelled() >= n;
+            }
+        }
     }
 
     /// How many TCP connections were accepted.
@@ -587,14 +606,7 @@ fn cut_json(kind: Kind, model: &str, text: &str, usage: &Value) -> Response<Body
             tx.abort(std::io::Error::other("upstream crashed"));
         }
     });
-    let mut r = Response::new(body.boxed());
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-    r
+    declared_json(body, len)
 }
 
 /// [`Fault::Stall`] for a JSON answer: its header, then nothing (for [`STALL`]).
@@ -604,15 +616,21 @@ fn stalled() -> Response<Body> {
         tokio::time::sleep(STALL).await;
         drop(tx);
     });
+    declared_json(body, 100)
+}
+
+/// A JSON answer declaring `len` bytes, whose body comes (or does not) from a channel.
+fn declared_json(
+    body: http_body_util::channel::Channel<Bytes, std::io::Error>,
+    len: usize,
+) -> Response<Body> {
     let mut r = Response::new(body.boxed());
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    r.headers_mut().insert(
-        http::header::CONTENT_LENGTH,
-        http::HeaderValue::from(100u32),
-    );
+    r.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
     r
 }
 
@@ -680,6 +698,7 @@ fn sse(
                 .is_err()
             {
                 state.cancelled.fetch_add(1, Ordering::Relaxed);
+                state.cancel.notify_waiters();
                 return;
             }
             if i == 0 && fault == Some(Fault::Stall) {
