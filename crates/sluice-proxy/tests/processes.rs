@@ -452,9 +452,13 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
     let mut replicas = cluster(2, &cfg).await;
     let a = &replicas[0];
     let held = "sluice_ratelimit_held{scope=\"deployment:m.0:rpm\"}";
-    // Load on A until it holds budget it has not spent (its demand-sized prefetch), then kill it.
+    // Load on A (40 requests/s) until it holds budget it has not spent (its demand-sized
+    // prefetch), then kill it.
+    let mut pace = tokio::time::interval(Duration::from_millis(25));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
     let unspent = loop {
+        pace.tick().await;
         assert_eq!(a.chat(BODY).send().await.unwrap().status(), 200);
         let h = a.metric(held).await;
         if h > 0 {
@@ -464,7 +468,6 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
             started.elapsed() < Duration::from_secs(10),
             "A never held an unspent lease"
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     };
     replicas[0].child.kill().unwrap();
     replicas[0].child.wait().unwrap();
@@ -475,13 +478,13 @@ async fn a_crashed_replicas_leases_come_back_within_a_lease_lifetime() {
     let b = &replicas[1];
     let mut statuses = Vec::new();
     while (up.requests().len() as u64) < limit {
+        pace.tick().await;
         assert!(
             killed.elapsed() < Duration::from_secs(10),
             "the dead replica's budget never came back: served {} of {limit}",
             up.requests().len()
         );
         statuses.push(b.chat(BODY).send().await.unwrap().status().as_u16());
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let back = killed.elapsed();
     eprintln!(
