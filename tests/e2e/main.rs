@@ -20,3 +20,4 @@ mod proxy;
 mod slow_redis;
 mod streaming;
 mod transport;
+mod wire;

@@ -10,7 +10,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
-use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
@@ -24,7 +23,7 @@ use crate::access::Access;
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
-use crate::upstream::{ClientHeaders, Exchange, Failure, Upstream, UpstreamAnswer};
+use crate::upstream::{ClientHeaders, Connections, Exchange, Failure, Upstream, UpstreamAnswer};
 
 /// Response headers never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and framing,
 /// which Sluice's own server sets for the client connection.
@@ -155,9 +154,7 @@ fn usage_so_far(sse: &Option<SseRelay>, json: &Option<BytesMut>) -> Option<sluic
 /// Whether a 2xx answer is one to read whole before replying: JSON (not a stream) with a
 /// declared length Sluice is willing to hold.
 fn answer_fits(exchange: &Exchange) -> bool {
-    let Some(h) = exchange.session.response_header() else {
-        return false;
-    };
+    let h = exchange.header();
     let length = h
         .headers
         .get(header::CONTENT_LENGTH)
@@ -217,7 +214,7 @@ pub struct State {
 impl State {
     /// Builds the state for `config`, registering its limits with `limiter` (a limit whose
     /// spec is unchanged keeps its state: budget survives a reload).
-    fn new(config: Config, limiter: &Limiter) -> Self {
+    fn new(config: Config, limiter: &Limiter, connections: &Connections) -> Self {
         let keys = config
             .keys
             .iter()
@@ -231,7 +228,7 @@ impl State {
             .map(|d| {
                 (
                     d.id.clone(),
-                    Upstream::new(d.clone(), config.reject_unknown_fields),
+                    Upstream::new(d.clone(), config.reject_unknown_fields, connections),
                 )
             })
             .collect();
@@ -259,7 +256,7 @@ impl State {
 pub struct Gateway {
     state: ArcSwap<State>,
     config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
-    connector: Connector,
+    connections: Connections,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     limiter: Arc<Limiter>,
@@ -275,11 +272,12 @@ impl Gateway {
         limiter.set_observer(metrics.clone());
         let mut server_options = pingora_core::apps::HttpServerOptions::default();
         server_options.h2c = config.server.h2c;
+        let connections = Connections::default();
         Self {
             server_options,
-            state: ArcSwap::from_pointee(State::new(config, &limiter)),
+            state: ArcSwap::from_pointee(State::new(config, &limiter, &connections)),
             config_path: std::sync::Mutex::new(None),
-            connector: Connector::new(None),
+            connections,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             limiter,
@@ -292,8 +290,11 @@ impl Gateway {
     /// take effect at the next start.)
     pub fn reload(&self, config: Config) {
         self.metrics.init(&config);
-        self.state
-            .store(Arc::new(State::new(config, &self.limiter)));
+        self.state.store(Arc::new(State::new(
+            config,
+            &self.limiter,
+            &self.connections,
+        )));
         log::info!("configuration reloaded");
     }
 
@@ -344,6 +345,12 @@ impl Gateway {
     /// The limit named `id` (`deployment:<id>:tpm`, `key:<alias>:rpm`, …), if configured.
     pub fn limiter_handle(&self, id: &str) -> Option<LimitHandle> {
         self.state.load().scopes.handle(id)
+    }
+
+    /// Closes pooled upstream connections that idled too long or that their upstream closed
+    /// (so they do not sit in `CLOSE_WAIT` between bursts of traffic).
+    pub fn sweep_pools(&self) {
+        self.connections.sweep();
     }
 
     /// Marks the gateway as draining: readiness answers 503 from now on.
@@ -678,7 +685,7 @@ impl Ctx<'_> {
             let sent_at = Instant::now();
             let exchange = upstream
                 .send(
-                    &self.gw.connector,
+                    &self.gw.connections,
                     endpoint,
                     &shaped.body,
                     client_headers,
@@ -699,17 +706,14 @@ impl Ctx<'_> {
                     continue; // `admitted` is released: nothing was served
                 }
             };
-            let status = exchange
-                .session
-                .response_header()
-                .map_or(502, |h| h.status.as_u16());
+            let status = exchange.header().status.as_u16();
             if (200..300).contains(&status) && answer_fits(&exchange) {
                 // A JSON answer is read whole before the client sees a byte: a broken or
                 // malformed one still leaves the chain free to try the next candidate, and
                 // header and body leave in one write.
                 admitted.mark_sent(); // the upstream may have done the work
                 let whole = upstream
-                    .read_whole(&self.gw.connector, exchange, deadline, USAGE_SCAN_LIMIT)
+                    .read_whole(exchange, deadline, USAGE_SCAN_LIMIT)
                     .await;
                 let took = sent_at.elapsed();
                 access.upstream_time += took;
@@ -759,10 +763,7 @@ impl Ctx<'_> {
             }
             // An error answer: read it (it is small) to decide whether the next candidate
             // should have the request, keeping it to pass on if none does.
-            let Some(error) = upstream
-                .read_error(&self.gw.connector, exchange, deadline)
-                .await
-            else {
+            let Some(error) = upstream.read_error(exchange, deadline).await else {
                 self.st.router.record_failure(&deployment.id, None);
                 self.gw
                     .metrics
@@ -1013,9 +1014,7 @@ impl Ctx<'_> {
         } = served;
         let id = upstream.deployment.id.as_str();
         let idle = upstream.deployment.stream_timeout;
-        let Some(up) = exchange.session.response_header() else {
-            return;
-        };
+        let up = exchange.header();
         let ok = up.status.is_success();
         let sse = is_event_stream(up);
         // A stripped usage chunk changes the length: let the server re-frame it.
@@ -1075,12 +1074,9 @@ impl Ctx<'_> {
                     };
                     // Settle before the client can see the end of the answer, so its next
                     // request finds the budget already corrected.
-                    if exchange.session.response_done() {
+                    if exchange.done() {
                         if let Some(a) = admitted.take() {
-                            let status = exchange
-                                .session
-                                .response_header()
-                                .map_or(0, |h| h.status.as_u16());
+                            let status = exchange.header().status.as_u16();
                             self.gw.metrics.upstream(id, status, upstream_time(access));
                             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
                         }
@@ -1127,15 +1123,12 @@ impl Ctx<'_> {
         // A chunked upstream body ends only here: settle before the client sees the end.
         let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
         if let Some(a) = admitted.take() {
-            let status = exchange
-                .session
-                .response_header()
-                .map_or(0, |h| h.status.as_u16());
+            let status = exchange.header().status.as_u16();
             self.gw.metrics.upstream(id, status, upstream_time(access));
             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }
         let _ = session.write_response_body(tail, true).await;
-        upstream.release(&self.gw.connector, exchange).await;
+        upstream.release(exchange);
     }
 }
 

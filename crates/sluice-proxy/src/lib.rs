@@ -183,6 +183,9 @@ impl BackgroundService for LifecycleTask {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
         let mut told_ready = false;
+        // Pooled upstream connections are swept once a second (every 20 ticks).
+        const SWEEP_EVERY: u32 = 20;
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
@@ -204,6 +207,10 @@ impl BackgroundService for LifecycleTask {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 }
                 _ = tick.tick() => {
+                    ticks = ticks.wrapping_add(1);
+                    if ticks % SWEEP_EVERY == 0 {
+                        gw.sweep_pools();
+                    }
                     if !told_ready && gw.limiter().ready() {
                         told_ready = true;
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

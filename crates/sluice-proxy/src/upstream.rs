@@ -1,21 +1,22 @@
 //! One deployment as an HTTP peer, and one exchange with it.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pingora_core::connectors::http::Connector;
-use pingora_core::protocols::http::client::HttpSession;
-use pingora_core::upstreams::peer::{HttpPeer, Peer, PeerOptions, Proxy, Tracer};
-use pingora_core::utils::tls::CertKey;
-use pingora_error::{Error, ErrorType};
-use pingora_http::RequestHeader;
+use pingora_core::connectors::TransportConnector;
+use pingora_core::upstreams::peer::HttpPeer;
 use sluice_config::{Deployment, Provider};
 use sluice_openai::{Endpoint, FieldPolicy};
 use tokio::time::{timeout_at, Instant};
 
+mod h1;
+
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Most idle connections kept per deployment.
+const POOL_KEEP: usize = 1024;
 /// Cap on connecting (TCP + TLS), whatever the deployment's `timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest error body drained to keep a connection reusable before moving on.
@@ -27,8 +28,60 @@ pub struct Upstream {
     pub deployment: Deployment,
     /// Which request fields it may see.
     pub policy: FieldPolicy,
-    peer: OnceLock<PooledPeer>,
-    host_header: String,
+    peer: OnceLock<HttpPeer>,
+    /// The request-head fields every request to this deployment carries (`host`,
+    /// `content-type`, the organization and the key), serialized once; an error when the
+    /// configured key cannot be a header value.
+    fixed_fields: Result<Vec<u8>, &'static str>,
+    pool: Arc<h1::Pool>,
+}
+
+/// Upstream connections: Pingora's connector (TCP and TLS) and one pool of idle connections
+/// per upstream server. Both outlive config reloads, so a reload keeps warm connections.
+pub struct Connections {
+    connector: TransportConnector,
+    /// Pools by (`https`?, host, port).
+    pools: Mutex<HashMap<(bool, String, u16), Arc<h1::Pool>>>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            connector: TransportConnector::new(None),
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Connections {
+    /// The pool for `deployment`'s server, shared by every deployment on it.
+    fn pool(&self, deployment: &Deployment) -> Arc<h1::Pool> {
+        let b = &deployment.api_base;
+        self.lock_pools()
+            .entry((b.tls, b.host.clone(), b.port))
+            .or_insert_with(|| Arc::new(h1::Pool::new(POOL_KEEP, POOL_IDLE)))
+            .clone()
+    }
+
+    /// Closes pooled connections that idled too long or that their upstream closed, and
+    /// forgets the pools of servers no deployment uses any more.
+    pub fn sweep(&self) {
+        let pools: Vec<Arc<h1::Pool>> = {
+            let mut pools = self.lock_pools();
+            pools.retain(|_, pool| Arc::strong_count(pool) > 1);
+            pools.values().cloned().collect()
+        };
+        for pool in pools {
+            pool.sweep();
+        }
+    }
+
+    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, String, u16), Arc<h1::Pool>>> {
+        // A panic while holding the lock leaves a plain map behind: still usable.
+        self.pools
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Client headers that may travel upstream (besides the ones Sluice sets itself). Everything
@@ -43,54 +96,6 @@ pub struct ClientHeaders<'a> {
     pub openai_beta: Option<&'a [u8]>,
     /// Sluice's request id, so upstream logs can be matched with ours.
     pub request_id: Option<&'a [u8]>,
-}
-
-/// A deployment's [`HttpPeer`], as Pingora's connection pool sees it. It differs in one place:
-/// a pooled connection is not re-checked with `getpeername(2)` each time it is taken out
-/// (Pingora's `matches_fd`, one syscall per request). The pool is keyed by this peer's
-/// `reuse_hash`, and a pooled stream owns its socket, so its fd cannot have been reused for a
-/// connection elsewhere; what the check could still catch, a dead connection, is caught by
-/// Pingora's idle test and by `send`'s retry on a fresh connection.
-#[derive(Clone)]
-pub struct PooledPeer(HttpPeer);
-
-impl std::fmt::Display for PooledPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Peer for PooledPeer {
-    fn address(&self) -> &pingora_core::protocols::l4::socket::SocketAddr {
-        self.0.address()
-    }
-    fn tls(&self) -> bool {
-        self.0.tls()
-    }
-    fn sni(&self) -> &str {
-        self.0.sni()
-    }
-    fn reuse_hash(&self) -> u64 {
-        self.0.reuse_hash()
-    }
-    fn get_peer_options(&self) -> Option<&PeerOptions> {
-        self.0.get_peer_options()
-    }
-    fn get_mut_peer_options(&mut self) -> Option<&mut PeerOptions> {
-        self.0.get_mut_peer_options()
-    }
-    fn get_proxy(&self) -> Option<&Proxy> {
-        self.0.get_proxy()
-    }
-    fn matches_fd<V: std::os::unix::io::AsRawFd>(&self, _fd: V) -> bool {
-        true
-    }
-    fn get_client_cert_key(&self) -> Option<&std::sync::Arc<CertKey>> {
-        self.0.get_client_cert_key()
-    }
-    fn get_tracer(&self) -> Option<Tracer> {
-        self.0.get_tracer()
-    }
 }
 
 /// Why an exchange failed before a response header arrived.
@@ -126,15 +131,26 @@ impl std::fmt::Display for Failure {
 }
 
 impl Exchange {
+    /// The answer's status and header fields.
+    pub fn header(&self) -> &pingora_http::ResponseHeader {
+        self.answer.header()
+    }
+
+    /// Whether the body has been read to its end.
+    pub fn done(&self) -> bool {
+        self.answer.done()
+    }
+
     /// The next piece of the answer's body, waiting at most `idle` for it (a stalled upstream
-    /// is a `ReadTimedout` error, like any broken read).
+    /// is [`Failure::Timeout`]).
     ///
     /// # Errors
-    /// Pingora's read error, or `ReadTimedout` after `idle`.
-    pub async fn read_chunk(&mut self, idle: Duration) -> pingora_error::Result<Option<Bytes>> {
-        match tokio::time::timeout(idle, self.session.read_response_body()).await {
-            Ok(read) => read,
-            Err(_) => Error::e_explain(ErrorType::ReadTimedout, "no answer data in time"),
+    /// [`Failure::Timeout`] after `idle`, [`Failure::Protocol`] when the body breaks off or its
+    /// framing is malformed.
+    pub async fn read_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, Failure> {
+        match tokio::time::timeout(idle, self.answer.read()).await {
+            Ok(read) => read.map_err(|e| Failure::Protocol(e.to_string())),
+            Err(_) => Err(Failure::Timeout),
         }
     }
 }
@@ -158,15 +174,20 @@ impl UpstreamAnswer {
     }
 }
 
-/// A response header received; the body is still to be read from `session`.
+/// A response header received; the body is still to be read. Dropping it closes the
+/// connection (which is how an abandoned stream stops the upstream's generation);
+/// [`Upstream::release`] pools it instead when the answer was read to its end.
 pub struct Exchange {
-    /// The live client session (owns the connection).
-    pub session: HttpSession,
+    answer: h1::Answer,
 }
 
 impl Upstream {
-    /// Wraps a deployment; resolves nothing yet.
-    pub fn new(deployment: Deployment, reject_unknown_fields: bool) -> Self {
+    /// Wraps a deployment, with a pool from `connections`; resolves nothing yet.
+    pub fn new(
+        deployment: Deployment,
+        reject_unknown_fields: bool,
+        connections: &Connections,
+    ) -> Self {
         let b = &deployment.api_base;
         let default_port = if b.tls { 443 } else { 80 };
         let host = if b.host.contains(':') {
@@ -195,17 +216,20 @@ impl Upstream {
             drop: deployment.drop_fields.clone(),
             reject_unknown: reject_unknown_fields,
         };
+        let fixed_fields = fixed_fields(&deployment, &host_header);
+        let pool = connections.pool(&deployment);
         Self {
             deployment,
             policy,
             peer: OnceLock::new(),
-            host_header,
+            fixed_fields,
+            pool,
         }
     }
 
     /// The peer, resolving the host on first use. Resolution happens once per config load;
     /// the request path after that touches no lock and no DNS.
-    async fn peer(&self) -> Result<&PooledPeer, Failure> {
+    async fn peer(&self) -> Result<&HttpPeer, Failure> {
         if let Some(p) = self.peer.get() {
             return Ok(p);
         }
@@ -219,110 +243,97 @@ impl Upstream {
         let d = &self.deployment;
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
         peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
-        peer.options.idle_timeout = Some(POOL_IDLE);
-        Ok(self.peer.get_or_init(|| PooledPeer(peer)))
+        Ok(self.peer.get_or_init(|| peer))
     }
 
-    /// The request line's path for `endpoint` on this deployment.
-    fn path(&self, endpoint: Endpoint) -> String {
-        let d = &self.deployment;
-        match d.provider {
-            Provider::Azure => format!(
-                "{}/openai/deployments/{}{}?api-version={}",
-                d.api_base.path,
-                d.upstream_model,
-                endpoint.path(),
-                d.api_version.as_deref().unwrap_or_default()
-            ),
-            _ => format!("{}{}", d.api_base.path, endpoint.path()),
-        }
-    }
-
-    fn request_header(
+    /// Serializes the request head for `endpoint` into `out`.
+    fn write_head(
         &self,
+        out: &mut Vec<u8>,
         endpoint: Endpoint,
         body_len: usize,
         client: ClientHeaders<'_>,
-    ) -> Result<RequestHeader, Failure> {
-        let bad = |e: Box<Error>| Failure::Protocol(format!("building the request: {e}"));
-        let mut req =
-            RequestHeader::build("POST", self.path(endpoint).as_bytes(), Some(8)).map_err(bad)?;
-        req.insert_header("host", self.host_header.as_str())
-            .map_err(bad)?;
-        req.insert_header("content-type", "application/json")
-            .map_err(bad)?;
-        req.insert_header("content-length", body_len.to_string())
-            .map_err(bad)?;
-        req.insert_header("accept", client.accept.unwrap_or(b"application/json"))
-            .map_err(bad)?;
-        if let Some(ua) = client.user_agent {
-            req.insert_header("user-agent", ua).map_err(bad)?;
+    ) -> Result<(), Failure> {
+        let fixed = self
+            .fixed_fields
+            .as_ref()
+            .map_err(|why| Failure::Protocol((*why).to_owned()))?;
+        let d = &self.deployment;
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(d.api_base.path.as_bytes());
+        if d.provider == Provider::Azure {
+            out.extend_from_slice(b"/openai/deployments/");
+            out.extend_from_slice(d.upstream_model.as_bytes());
+            out.extend_from_slice(endpoint.path().as_bytes());
+            out.extend_from_slice(b"?api-version=");
+            out.extend_from_slice(d.api_version.as_deref().unwrap_or_default().as_bytes());
+        } else {
+            out.extend_from_slice(endpoint.path().as_bytes());
         }
-        if let Some(beta) = client.openai_beta {
-            req.insert_header("openai-beta", beta).map_err(bad)?;
-        }
-        if let Some(id) = client.request_id {
-            req.insert_header("x-request-id", id).map_err(bad)?;
-        }
-        if let Some(org) = &self.deployment.organization {
-            req.insert_header("openai-organization", org.as_str())
-                .map_err(bad)?;
-        }
-        if let Some(key) = &self.deployment.api_key {
-            match self.deployment.provider {
-                Provider::Azure => req.insert_header("api-key", key.expose()),
-                _ => req.insert_header("authorization", format!("Bearer {}", key.expose())),
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        out.extend_from_slice(fixed);
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        // Values taken from the client's request were validated as header values when Pingora
+        // parsed it; the request id is Sluice's own or one of those.
+        let fields: [(&[u8], Option<&[u8]>); 4] = [
+            (
+                b"accept",
+                Some(client.accept.unwrap_or(b"application/json")),
+            ),
+            (b"user-agent", client.user_agent),
+            (b"openai-beta", client.openai_beta),
+            (b"x-request-id", client.request_id),
+        ];
+        for (name, value) in fields {
+            if let Some(value) = value {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value);
+                out.extend_from_slice(b"\r\n");
             }
-            .map_err(|_| {
-                Failure::Protocol("the deployment's api_key is not a valid header value".into())
-            })?;
         }
-        Ok(req)
+        out.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     /// Sends `body` and waits for the response header, until `deadline`.
     ///
-    /// A pooled connection that turns out dead is replaced once, transparently; a failure on a
-    /// fresh connection is the deployment's.
+    /// A pooled connection that turns out dead (the upstream closed it before answering) is
+    /// replaced by a fresh one, transparently; a failure on a fresh connection is the
+    /// deployment's.
     ///
     /// # Errors
     /// A [`Failure`] saying what went wrong before a response header arrived.
     pub async fn send(
         &self,
-        connector: &Connector,
+        connections: &Connections,
         endpoint: Endpoint,
         body: &Bytes,
         client: ClientHeaders<'_>,
         deadline: Instant,
     ) -> Result<Exchange, Failure> {
         let peer = self.peer().await?;
+        let mut head = Vec::with_capacity(512);
+        self.write_head(&mut head, endpoint, body.len(), client)?;
         let attempt = async {
             loop {
-                let (mut session, reused) = connector
-                    .get_http_session(peer)
-                    .await
-                    .map_err(|e| Failure::Connect(e.to_string()))?;
-                // No Pingora read timeout: its timers live until they expire (10 min by
-                // default here) whether or not the read finished, which holds megabytes at a
-                // few thousand requests a second. The deadline below and `read_chunk` bound
-                // every wait with tokio timers, which go away with the read.
-                let header = self.request_header(endpoint, body.len(), client)?;
-                let sent = async {
-                    session.write_request_header(Box::new(header)).await?;
-                    session.write_request_body(body.clone(), true).await?;
-                    session.finish_request_body().await?;
-                    session.read_response_header().await
-                }
-                .await;
-                match sent {
-                    Ok(()) => return Ok(Exchange { session }),
-                    Err(mut e) => {
-                        e.retry.decide_reuse(reused);
-                        if reused && e.retry() {
-                            continue; // a stale pooled connection: try a fresh one
-                        }
-                        return Err(classify(&e));
+                let (conn, reused) = match self.pool.take() {
+                    Some(conn) => (conn, true),
+                    None => {
+                        let io = connections
+                            .connector
+                            .new_stream(peer)
+                            .await
+                            .map_err(|e| Failure::Connect(e.to_string()))?;
+                        (h1::Conn::new(io), false)
                     }
+                };
+                match conn.exchange(&head, body).await {
+                    Ok(answer) => return Ok(Exchange { answer }),
+                    Err(e) if reused && e.stale() => continue, // try the next, or a fresh one
+                    Err(e) => return Err(Failure::Protocol(e.to_string())),
                 }
             }
         };
@@ -331,18 +342,11 @@ impl Upstream {
             .unwrap_or(Err(Failure::Timeout))
     }
 
-    /// Returns the connection to the pool when the response was read to its end; otherwise
-    /// drops (closes) it.
-    pub async fn release(&self, connector: &Connector, mut exchange: Exchange) {
-        if !exchange.session.response_done() {
-            return;
-        }
-        if let Some(peer) = self.peer.get() {
-            connector
-                .release_http_session(exchange.session, peer, Some(POOL_IDLE))
-                .await;
-        } else {
-            exchange.session.shutdown().await;
+    /// Returns the connection to the pool when the answer was read to its end (and the
+    /// connection may carry another request); otherwise drops (closes) it.
+    pub fn release(&self, exchange: Exchange) {
+        if let Some(conn) = exchange.answer.into_reusable() {
+            self.pool.put(conn);
         }
     }
 
@@ -350,13 +354,10 @@ impl Upstream {
     /// it is larger than [`DRAIN_LIMIT`], broken, or slower than `deadline`.
     pub async fn read_error(
         &self,
-        connector: &Connector,
         exchange: Exchange,
         deadline: Instant,
     ) -> Option<UpstreamAnswer> {
-        self.read_whole(connector, exchange, deadline, DRAIN_LIMIT)
-            .await
-            .ok()
+        self.read_whole(exchange, deadline, DRAIN_LIMIT).await.ok()
     }
 
     /// Reads an answer's body whole (at most `limit` bytes, by `deadline`, each read within the
@@ -367,57 +368,70 @@ impl Upstream {
     /// body breaks off or outgrows `limit`; the connection is closed then.
     pub async fn read_whole(
         &self,
-        connector: &Connector,
         mut exchange: Exchange,
         deadline: Instant,
         limit: usize,
     ) -> Result<UpstreamAnswer, Failure> {
-        let header = exchange
-            .session
-            .response_header()
-            .ok_or_else(|| Failure::Protocol("no response header".into()))?
-            .clone();
         let body = timeout_at(deadline, async {
             let mut body = bytes::BytesMut::new();
             loop {
-                match exchange.read_chunk(self.deployment.stream_timeout).await {
+                match exchange.read_chunk(self.deployment.stream_timeout).await? {
                     // The common case, one read holding the whole body: no copy.
-                    Ok(Some(chunk)) if body.is_empty() && exchange.session.response_done() => {
+                    Some(chunk) if body.is_empty() && exchange.done() => {
                         if chunk.len() > limit {
                             return Err(Failure::Protocol("answer too large".into()));
                         }
                         return Ok(chunk);
                     }
-                    Ok(Some(chunk)) => {
+                    Some(chunk) => {
                         if body.len() + chunk.len() > limit {
                             return Err(Failure::Protocol("answer too large".into()));
                         }
                         body.extend_from_slice(&chunk);
                     }
-                    Ok(None) => return Ok(body.freeze()),
-                    Err(e) => return Err(classify(&e)),
+                    None => return Ok(body.freeze()),
                 }
             }
         })
         .await
         .unwrap_or(Err(Failure::Timeout))?;
-        self.release(connector, exchange).await;
+        let header = exchange.header().clone();
+        self.release(exchange);
         Ok(UpstreamAnswer { header, body })
     }
 }
 
-fn classify(e: &Error) -> Failure {
-    match e.etype() {
-        ErrorType::ConnectTimedout
-        | ErrorType::ConnectRefused
-        | ErrorType::ConnectNoRoute
-        | ErrorType::TLSHandshakeFailure
-        | ErrorType::TLSHandshakeTimedout
-        | ErrorType::InvalidCert
-        | ErrorType::HandshakeError
-        | ErrorType::ConnectError
-        | ErrorType::SocketError => Failure::Connect(e.to_string()),
-        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
-        _ => Failure::Protocol(e.to_string()),
+/// The request-head fields every request to `d` carries, serialized: `host`, `content-type`,
+/// the organization and the key (Azure's `api-key`, else a bearer token).
+fn fixed_fields(d: &Deployment, host: &str) -> Result<Vec<u8>, &'static str> {
+    let valid = |v: &[u8]| http::HeaderValue::from_bytes(v).is_ok();
+    let mut out = Vec::with_capacity(128);
+    let mut field = |name: &str, value: &[u8]| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    if !valid(host.as_bytes()) {
+        return Err("the deployment's host is not a valid header value");
     }
+    field("host", host.as_bytes());
+    field("content-type", b"application/json");
+    if let Some(org) = &d.organization {
+        if !valid(org.as_bytes()) {
+            return Err("the deployment's organization is not a valid header value");
+        }
+        field("openai-organization", org.as_bytes());
+    }
+    if let Some(key) = &d.api_key {
+        let key = key.expose().as_bytes();
+        if !valid(key) {
+            return Err("the deployment's api_key is not a valid header value");
+        }
+        match d.provider {
+            Provider::Azure => field("api-key", key),
+            _ => field("authorization", &[b"Bearer ", key].concat()),
+        }
+    }
+    Ok(out)
 }
