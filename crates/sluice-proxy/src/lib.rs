@@ -35,8 +35,10 @@ use sluice_ratelimit::{Ledger, Limiter, MemoryLedger, RedisLedger, Settings, Win
 pub use gateway::Gateway;
 pub use reject::Rejection;
 
-/// The read buffer in front of each client connection.
-const CLIENT_READ_BUFFER: usize = 16 * 1024;
+/// The read buffer Pingora puts in front of each client connection: none. Its HTTP/1 parser
+/// reads the request into a buffer of its own, so an L4 buffer would only copy the bytes once
+/// more and hold memory per connection (64 KiB by default: 64 MB with a thousand open streams).
+const CLIENT_READ_BUFFER: usize = 0;
 
 /// Where and how to listen, after command-line overrides.
 #[derive(Debug, Clone)]
@@ -134,8 +136,6 @@ pub fn build_server_with(
     let gateway = Arc::new(Gateway::new(config, limiter.clone()));
     gateway.set_config_path(lifecycle.config_path.clone());
     let mut service = Service::new("sluice".to_owned(), Front::new(&gateway));
-    // Pingora reads each client connection through a 64 KiB buffer; a request's headers and a
-    // typical body fit in 16 KiB, and with a thousand open streams the difference is 48 MB.
     let endpoint = pingora_core::listeners::ListenerConfig::tcp(listen.addr.clone()).l4_buffer(
         pingora_core::protocols::l4::stream::L4BufferSettings::default().read(CLIENT_READ_BUFFER),
     );

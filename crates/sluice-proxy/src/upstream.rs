@@ -322,9 +322,10 @@ impl Upstream {
                 let (conn, reused) = match self.pool.take() {
                     Some(conn) => (conn, true),
                     None => {
-                        let io = connections
-                            .connector
-                            .new_stream(peer)
+                        // Boxed: connecting (TLS included) is an 8 KB future, and inline it
+                        // would make every request's task that much larger for the whole
+                        // exchange, a stream's included; it runs once per connection.
+                        let io = Box::pin(connections.connector.new_stream(peer))
                             .await
                             .map_err(|e| Failure::Connect(e.to_string()))?;
                         (h1::Conn::new(io), false)

@@ -9,7 +9,7 @@
 //! `http::HeaderMap` twice over, holds a 64 KiB body buffer per connection (64 MB with a
 //! thousand open streams), and its pool spawns a watcher task with a mutex, a oneshot and an
 //! idle timer for every connection it takes back. Here a request leaves in one vectored write,
-//! an answer is read into one buffer that travels with its connection (8 KiB to start, grown
+//! an answer is read into one buffer that travels with its connection (4 KiB to start, grown
 //! only for a larger declared body, its allocation reused by the next exchange), body bytes are
 //! handed out as slices of that buffer without copying, and idle connections wait in a plain
 //! LIFO stack, checked for a hang-up when taken and swept once a second.
@@ -30,8 +30,9 @@ use pingora_http::ResponseHeader;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
-/// Room made for each read of an answer.
-const READ_SIZE: usize = 8 * 1024;
+/// Room made for each read of an answer (SSE events and JSON answers are a few hundred bytes;
+/// a body of declared length gets up to [`MAX_READ_SIZE`] at a time).
+const READ_SIZE: usize = 4 * 1024;
 /// Largest read buffer made for one read of a body whose length is declared.
 const MAX_READ_SIZE: usize = 64 * 1024;
 /// Largest response header (status line and fields) accepted.
