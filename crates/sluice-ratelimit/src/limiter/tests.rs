@@ -261,3 +261,54 @@ async fn a_cold_burst_gets_no_spurious_rejection() {
     let admitted = tasks.join_all().await.into_iter().filter(|ok| *ok).count();
     assert_eq!(admitted, 64);
 }
+
+/// A ledger that counts the claims reaching it.
+struct Counting {
+    inner: MemoryLedger,
+    claims: AtomicU64,
+}
+
+#[async_trait]
+impl Ledger for Counting {
+    async fn claim(
+        &self,
+        key: &str,
+        limit: u64,
+        ask: u64,
+        min: u64,
+        hold: Duration,
+    ) -> Result<Grant, LedgerError> {
+        self.claims.fetch_add(1, Ordering::Relaxed);
+        self.inner.claim(key, limit, ask, min, hold).await
+    }
+    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
+        self.inner.refund(key, lease, amount).await
+    }
+    async fn heartbeat(&self, _: &str, _: Duration) -> Result<u64, LedgerError> {
+        Ok(1)
+    }
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_after_a_quiet_spell_claims_a_few_times_not_per_request() {
+    // No maintenance task runs here, so the sampled demand stays at zero, as it decays to on
+    // a replica that idled: only the demand seen since the last sample sizes the leases.
+    let ledger = Arc::new(Counting {
+        inner: MemoryLedger::new(settings().window),
+        claims: AtomicU64::new(0),
+    });
+    let l = Limiter::new(settings(), ledger.clone());
+    let t = l.register(tokens("d:tpm", 10_000_000));
+    for _ in 0..1000 {
+        let a = l.admit(&[(&t, 10)]).await;
+        a.expect("budget is plentiful").settle(10);
+        tokio::time::advance(Duration::from_micros(500)).await; // 2,000 requests/s
+    }
+    let claims = ledger.claims.load(Ordering::Relaxed);
+    // Leases grow with the burst (10, 100, 1,100, 10,000 tokens); sized by the sampled
+    // demand alone, every request would claim its own 10.
+    assert!(claims <= 10, "{claims} claims for 1,000 requests");
+}
