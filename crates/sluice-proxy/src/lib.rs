@@ -6,10 +6,17 @@
 //! the first answers 429. Pingora's `ProxyHttp` does not carry a body consumed in
 //! `request_filter` upstream, its retry buffer stops at 64 KiB, and it does not retry a POST on
 //! a 429 (DESIGN.md §1). With the body read up front, `ProxyHttp` would contribute nothing but
-//! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly and calls
-//! upstreams with Pingora's pooled `Connector`: Sluice keeps Pingora's server, listeners, TLS,
-//! graceful shutdown/upgrade and connection pools, owns the fallback loop and body replay, and
-//! does not compile `pingora-proxy`/`pingora-cache` at all.
+//! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly: Sluice keeps
+//! Pingora's server, listeners, TLS, graceful shutdown/upgrade and its transport connector
+//! (TCP and TLS to upstreams), owns the fallback loop and body replay, and does not compile
+//! `pingora-proxy`/`pingora-cache` at all.
+//!
+//! # Why an HTTP/1.1 client of its own
+//! Upstream requests go through `upstream::h1`, a small HTTP/1.1 client on the connections
+//! Pingora's `TransportConnector` opens, with its own pool. Pingora's `HttpSession` sent a
+//! request's header and body in two writes, kept a 64 KiB body buffer per connection and spawned
+//! a task per pooled connection; on the load bench replacing it took CPU per request from
+//! 43–48 µs to 31–36 µs and 1,000 open streams from 157 MB to 98 MB (the module docs say how).
 //!
 //! # Entry points
 //! [`build_server`] assembles a Pingora `Server` for a [`sluice_config::Config`]; the binary

@@ -148,13 +148,30 @@ impl RateHeaders {
 
     /// Adds the headers to `resp`.
     pub fn apply(&self, resp: &mut ResponseHeader) {
-        for (kind, pair) in [("tokens", self.tokens), ("requests", self.requests)] {
+        self.each(|name, value| {
+            let _ = resp.insert_header(name, value);
+        });
+    }
+
+    /// Adds the headers to a header map.
+    pub fn add_to(&self, headers: &mut http::HeaderMap) {
+        self.each(|name, value| {
+            headers.insert(name, value);
+        });
+    }
+
+    fn each(&self, mut add: impl FnMut(http::HeaderName, http::HeaderValue)) {
+        const NAMES: [[&str; 2]; 2] = [
+            ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"],
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+            ],
+        ];
+        for (names, pair) in NAMES.iter().zip([self.tokens, self.requests]) {
             if let Some((limit, remaining)) = pair {
-                let _ = resp.insert_header(format!("x-ratelimit-limit-{kind}"), limit.to_string());
-                let _ = resp.insert_header(
-                    format!("x-ratelimit-remaining-{kind}"),
-                    remaining.to_string(),
-                );
+                add(http::HeaderName::from_static(names[0]), limit.into());
+                add(http::HeaderName::from_static(names[1]), remaining.into());
             }
         }
     }

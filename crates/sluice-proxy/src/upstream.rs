@@ -344,11 +344,14 @@ impl Upstream {
     }
 
     /// Returns the connection to the pool when the answer was read to its end (and the
-    /// connection may carry another request); otherwise drops (closes) it.
-    pub fn release(&self, exchange: Exchange) {
-        if let Some(conn) = exchange.answer.into_reusable() {
+    /// connection may carry another request), otherwise drops (closes) it; hands back the
+    /// answer's head.
+    pub fn release(&self, exchange: Exchange) -> pingora_http::ResponseHeader {
+        let (header, conn) = exchange.answer.finish();
+        if let Some(conn) = conn {
             self.pool.put(conn);
         }
+        header
     }
 
     /// Reads a (small) error answer whole, returning the connection to the pool. `None` when
@@ -396,8 +399,7 @@ impl Upstream {
         })
         .await
         .unwrap_or(Err(Failure::Timeout))?;
-        let header = exchange.header().clone();
-        self.release(exchange);
+        let header = self.release(exchange);
         Ok(UpstreamAnswer { header, body })
     }
 }

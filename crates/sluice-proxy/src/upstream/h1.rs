@@ -275,10 +275,11 @@ impl Answer {
         Ok(piece)
     }
 
-    /// The connection, when it may carry another request: the answer was read to its end and
-    /// nobody asked to close it.
-    pub fn into_reusable(self) -> Option<Conn> {
-        (self.done && self.reusable).then_some(self.conn)
+    /// The response head, and the connection when it may carry another request: the answer
+    /// was read to its end and nobody asked to close it.
+    pub fn finish(self) -> (ResponseHeader, Option<Conn>) {
+        let conn = (self.done && self.reusable).then_some(self.conn);
+        (self.header, conn)
     }
 }
 
@@ -371,8 +372,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
             buf.advance(used); // 100 Continue and friends: the real answer follows
             continue;
         }
-        let mut header = ResponseHeader::build(status, Some(response.headers.len()))
+        // A plain header map, handed to Pingora whole (see the gateway's `answer_header`).
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = http::StatusCode::from_u16(status)
             .map_err(|_| H1Error::Malformed("invalid status code"))?;
+        parts.headers.reserve(response.headers.len());
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut close = response.version != Some(1);
@@ -402,10 +406,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
                     .split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
             }
-            header
-                .append_header(name.to_owned(), field.value)
-                .map_err(|_| H1Error::Malformed("invalid header field"))?;
+            const INVALID: H1Error = H1Error::Malformed("invalid header field");
+            parts.headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| INVALID)?,
+                http::HeaderValue::from_bytes(field.value).map_err(|_| INVALID)?,
+            );
         }
+        let header = ResponseHeader::from(parts);
         buf.advance(used);
         let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
             Framing::Empty
