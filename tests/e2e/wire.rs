@@ -112,14 +112,15 @@ async fn serve(mut conn: TcpStream, script: Script) {
     }
 }
 
-async fn three_requests(script: Script) -> (RawUpstream, Vec<serde_json::Value>) {
+/// Three requests in a row through Sluice to an upstream following `script`: each must come
+/// back 200 with the whole answer (usage included), over `connections` upstream connections.
+async fn three_requests(script: Script, connections: usize, why: &str) {
     let up = RawUpstream::start(script).await;
     let s = Sluice::start(&format!(
         "model_list:\n{}",
         deployment("m", "x", &up.base, "")
     ))
     .await;
-    let mut bodies = Vec::new();
     for _ in 0..3 {
         let resp = s.chat(chat("m")).await;
         assert_eq!(resp.status(), 200);
@@ -127,57 +128,34 @@ async fn three_requests(script: Script) -> (RawUpstream, Vec<serde_json::Value>)
             .headers()
             .get("transfer-encoding")
             .is_none_or(|v| v == "chunked"));
-        bodies.push(serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap());
+        let body: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], "hello");
+        assert_eq!(body["usage"]["total_tokens"], 5);
     }
-    (up, bodies)
+    assert_eq!(up.connections.load(Ordering::SeqCst), connections, "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_answer_is_decoded_and_its_connection_reused() {
-    let (up, bodies) = three_requests(Script::Chunked).await;
-    for b in &bodies {
-        assert_eq!(b["choices"][0]["message"]["content"], "hello");
-        assert_eq!(b["usage"]["total_tokens"], 5);
-    }
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        1,
-        "one pooled connection"
-    );
+    three_requests(Script::Chunked, 1, "one pooled connection").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_delimited_by_the_close_is_read_whole_and_not_pooled() {
-    let (up, bodies) = three_requests(Script::UntilClose).await;
-    for b in &bodies {
-        assert_eq!(b["usage"]["total_tokens"], 5);
-    }
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        3,
-        "a connection per answer"
-    );
+    three_requests(Script::UntilClose, 3, "a connection per answer").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_upstream_closed_is_replaced_unseen() {
-    let (up, bodies) = three_requests(Script::LengthThenClose).await;
-    for b in &bodies {
-        assert_eq!(b["usage"]["total_tokens"], 5);
-    }
-    assert_eq!(
-        up.connections.load(Ordering::SeqCst),
-        3,
-        "a fresh connection each time"
-    );
+    three_requests(Script::LengthThenClose, 3, "a fresh connection each time").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_upstream_hung_up_on_is_sent_again_on_a_fresh_connection() {
-    let (up, bodies) = three_requests(Script::HangUpOnSecond).await;
-    for b in &bodies {
-        assert_eq!(b["usage"]["total_tokens"], 5);
-    }
-    // A; A hangs up, B answers; B hangs up, C answers.
-    assert_eq!(up.connections.load(Ordering::SeqCst), 3);
+    three_requests(
+        Script::HangUpOnSecond,
+        3,
+        "A; A hangs up, B answers; B hangs up, C answers",
+    )
+    .await;
 }

@@ -128,10 +128,21 @@ async fn expired_leases_go_back_to_the_ledger() {
     task.await.unwrap();
 }
 
-/// A ledger that can be switched off, to drive outages.
+/// A ledger that can be switched off, to drive outages, and counts the claims reaching it.
 struct Flaky {
     inner: MemoryLedger,
     down: AtomicBool,
+    claims: AtomicU64,
+}
+
+impl Flaky {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryLedger::new(settings().window),
+            down: AtomicBool::new(false),
+            claims: AtomicU64::new(0),
+        })
+    }
 }
 
 #[async_trait]
@@ -147,6 +158,7 @@ impl Ledger for Flaky {
         if self.down.load(Ordering::Relaxed) {
             return Err(LedgerError("down".into()));
         }
+        self.claims.fetch_add(1, Ordering::Relaxed);
         self.inner.claim(key, limit, ask, min, hold).await
     }
     async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
@@ -164,10 +176,7 @@ impl Ledger for Flaky {
 }
 
 async fn outage(mode: OnRedisError) -> (Arc<Limiter>, LimitHandle, Arc<Flaky>) {
-    let flaky = Arc::new(Flaky {
-        inner: MemoryLedger::new(settings().window),
-        down: AtomicBool::new(false),
-    });
+    let flaky = Flaky::new();
     let l = Limiter::new(
         Settings {
             on_redis_error: mode,
@@ -262,44 +271,11 @@ async fn a_cold_burst_gets_no_spurious_rejection() {
     assert_eq!(admitted, 64);
 }
 
-/// A ledger that counts the claims reaching it.
-struct Counting {
-    inner: MemoryLedger,
-    claims: AtomicU64,
-}
-
-#[async_trait]
-impl Ledger for Counting {
-    async fn claim(
-        &self,
-        key: &str,
-        limit: u64,
-        ask: u64,
-        min: u64,
-        hold: Duration,
-    ) -> Result<Grant, LedgerError> {
-        self.claims.fetch_add(1, Ordering::Relaxed);
-        self.inner.claim(key, limit, ask, min, hold).await
-    }
-    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
-        self.inner.refund(key, lease, amount).await
-    }
-    async fn heartbeat(&self, _: &str, _: Duration) -> Result<u64, LedgerError> {
-        Ok(1)
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_burst_after_a_quiet_spell_claims_a_few_times_not_per_request() {
     // No maintenance task runs here, so the sampled demand stays at zero, as it decays to on
     // a replica that idled: only the demand seen since the last sample sizes the leases.
-    let ledger = Arc::new(Counting {
-        inner: MemoryLedger::new(settings().window),
-        claims: AtomicU64::new(0),
-    });
+    let ledger = Flaky::new();
     let l = Limiter::new(settings(), ledger.clone());
     let t = l.register(tokens("d:tpm", 10_000_000));
     for _ in 0..1000 {
