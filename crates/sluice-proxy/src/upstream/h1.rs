@@ -425,8 +425,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
                 (None, None) => Framing::UntilClose,
             }
         };
-        // Both framings declared is a smuggling pattern: read by the coding, then close.
+        // Both framings declared is a smuggling pattern: read by the coding, then close. After
+        // a 101 the connection speaks another protocol: never pooled.
         close |= chunked.is_some() && length.is_some();
+        close |= status == 101;
         close |= matches!(framing, Framing::UntilClose);
         return Ok(Some((header, framing, !close)));
     }
@@ -581,6 +583,11 @@ mod tests {
                 "Length(1)",
                 true,
             ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+                "Empty",
+                false,
+            ),
         ];
         for (wire, framing, keep) in cases {
             let (header, f, k) = head(wire)?.ok_or(H1Error::Malformed("partial"))?;
@@ -591,7 +598,7 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
             assert_eq!(k, *keep, "{}", String::from_utf8_lossy(wire));
-            assert!(header.status.as_u16() >= 200);
+            assert_ne!(header.status.as_u16(), 100, "interim answers are skipped");
         }
         assert!(head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n")?.is_none());
         for bad in [
