@@ -258,11 +258,7 @@ async fn trickle(s: &Sluice, at_once: &[u8], slowly: &[u8]) -> (String, Duration
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_headers_and_bodies_are_cut_off_at_the_client_timeout() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}server: {{client_timeout: 0.5}}\n",
-        deployment("m", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base_url(), "server: {client_timeout: 0.5}\n").await;
     // Headers a byte per 100 ms (each read is quick, the whole never comes): closed.
     let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nx-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
     let (out, took) = trickle(&s, b"", head.as_bytes()).await;

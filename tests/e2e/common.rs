@@ -76,6 +76,15 @@ impl Sluice {
         }
     }
 
+    /// Serves one deployment of group `group` at `base`, with `more` YAML after the model list.
+    pub async fn one_deployment(group: &str, base: &str, more: &str) -> Self {
+        Self::start(&format!(
+            "model_list:\n{}{more}",
+            deployment(group, "x", base, "")
+        ))
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

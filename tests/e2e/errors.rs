@@ -100,11 +100,7 @@ async fn an_upstream_error_on_the_last_candidate_passes_through() {
     })
     .await
     .unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
     let resp = s.chat(chat("m")).await;
     assert_eq!(resp.headers()["retry-after"], "11");
     let v = error_body(resp, 429).await;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sluice_testkit::{free_port, MockConfig, MockUpstream};
 use tokio::time::Instant;
 
-use crate::common::{chat, client, deployment, JsonValue, Sluice};
+use crate::common::{chat, client, JsonValue, Sluice};
 
 struct Prometheus(Child);
 
@@ -21,11 +21,7 @@ impl Drop for Prometheus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_sluice() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("g", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("g", &up.base_url(), "").await;
     for _ in 0..3 {
         let resp = s.chat(chat("g")).await;
         assert_eq!(resp.status(), 200);

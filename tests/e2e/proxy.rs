@@ -117,11 +117,7 @@ async fn a_1mib_body_is_routed_by_model_and_replayed_whole_after_a_429() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_request_body_is_read_whole() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
     let content = "z".repeat(300 * 1024);
     let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}]}}"#);
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body

@@ -5,7 +5,7 @@ use std::time::Duration;
 use sluice_testkit::{MockConfig, MockUpstream};
 use tokio::time::Instant;
 
-use crate::common::{deployment, Sluice};
+use crate::common::Sluice;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_chunk_arrives_while_the_upstream_is_still_paused() {
@@ -16,11 +16,7 @@ async fn the_first_chunk_arrives_while_the_upstream_is_still_paused() {
     })
     .await
     .unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
     let started = Instant::now();
     let mut resp = s
         .chat(r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#)

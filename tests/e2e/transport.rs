@@ -82,11 +82,7 @@ const STREAM: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_with_prior_knowledge_are_served() {
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &up.base_url(), "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
     let url = s.url("/v1/chat/completions");
     let args = |body: &'static str| {
         let url = url.clone();
@@ -181,11 +177,7 @@ async fn upstream_certificates_are_verified() {
     // 127.0.0.1 is in the certificate, and the listener is there: the only reason left to
     // fail is that nobody trusts the certificate.
     let https = format!("https://127.0.0.1:{}/v1", provider.addr.port());
-    let gateway = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &https, "")
-    ))
-    .await;
+    let gateway = Sluice::one_deployment("m", &https, "").await;
     let resp = crate::common::client()
         .post(gateway.url("/v1/chat/completions"))
         .body(BODY)

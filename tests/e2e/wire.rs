@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{chat, deployment, Sluice};
+use crate::common::{chat, Sluice};
 
 const JSON: &str = r#"{"id":"c","object":"chat.completion","created":1,"model":"x","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
 
@@ -116,11 +116,7 @@ async fn serve(mut conn: TcpStream, script: Script) {
 /// back 200 with the whole answer (usage included), over `connections` upstream connections.
 async fn three_requests(script: Script, connections: usize, why: &str) {
     let up = RawUpstream::start(script).await;
-    let s = Sluice::start(&format!(
-        "model_list:\n{}",
-        deployment("m", "x", &up.base, "")
-    ))
-    .await;
+    let s = Sluice::one_deployment("m", &up.base, "").await;
     for _ in 0..3 {
         let resp = s.chat(chat("m")).await;
         assert_eq!(resp.status(), 200);
