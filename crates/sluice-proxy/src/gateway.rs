@@ -20,7 +20,7 @@ use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
 use crate::access::Access;
-use crate::limits::{RateHeaders, Scopes};
+use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{ClientHeaders, Connections, Exchange, Failure, Upstream, UpstreamAnswer};
@@ -952,17 +952,8 @@ impl Ctx<'_> {
                 http::HeaderValue::from_str(id).ok()?,
             );
         }
-        if let Some(upstream) = headers.remove("x-request-id") {
-            headers.insert(
-                http::HeaderName::from_static("x-upstream-request-id"),
-                upstream,
-            );
-        }
-        headers.insert(
-            http::HeaderName::from_static("x-request-id"),
-            http::HeaderValue::from_str(&access.request_id).ok()?,
-        );
-        rate.add_to(headers);
+        tag_request_id(headers, &access.request_id);
+        rate.apply(headers);
         Some(ResponseHeader::from(parts))
     }
 
@@ -1251,11 +1242,17 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
 
 /// Sets `x-request-id` on a response, keeping an upstream's own id as
 /// `x-upstream-request-id`.
-fn tag_request_id(resp: &mut ResponseHeader, id: &str) {
-    if let Some(upstream) = resp.remove_header("x-request-id") {
-        let _ = resp.insert_header("x-upstream-request-id", upstream);
+fn tag_request_id(out: &mut impl SetHeaders, id: &str) {
+    let request_id = http::HeaderName::from_static("x-request-id");
+    if let Some(upstream) = out.take(&request_id) {
+        out.set(
+            http::HeaderName::from_static("x-upstream-request-id"),
+            upstream,
+        );
     }
-    let _ = resp.insert_header("x-request-id", id);
+    if let Ok(id) = http::HeaderValue::from_str(id) {
+        out.set(request_id, id);
+    }
 }
 
 async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {

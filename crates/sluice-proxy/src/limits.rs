@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
 use sluice_config::Config;
 use sluice_ratelimit::{Kind, LimitHandle, LimitSpec, Limiter};
@@ -146,21 +147,8 @@ impl RateHeaders {
         out
     }
 
-    /// Adds the headers to `resp`.
-    pub fn apply(&self, resp: &mut ResponseHeader) {
-        self.each(|name, value| {
-            let _ = resp.insert_header(name, value);
-        });
-    }
-
-    /// Adds the headers to a header map.
-    pub fn add_to(&self, headers: &mut http::HeaderMap) {
-        self.each(|name, value| {
-            headers.insert(name, value);
-        });
-    }
-
-    fn each(&self, mut add: impl FnMut(http::HeaderName, http::HeaderValue)) {
+    /// Adds the headers to `out`.
+    pub fn apply(&self, out: &mut impl SetHeaders) {
         const NAMES: [[&str; 2]; 2] = [
             ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"],
             [
@@ -170,9 +158,36 @@ impl RateHeaders {
         ];
         for (names, pair) in NAMES.iter().zip([self.tokens, self.requests]) {
             if let Some((limit, remaining)) = pair {
-                add(http::HeaderName::from_static(names[0]), limit.into());
-                add(http::HeaderName::from_static(names[1]), remaining.into());
+                out.set(HeaderName::from_static(names[0]), limit.into());
+                out.set(HeaderName::from_static(names[1]), remaining.into());
             }
         }
+    }
+}
+
+/// Where a response's header fields are set: Pingora's `ResponseHeader`, or a plain header map
+/// that is handed to Pingora whole (which spares the case-preserving copy of every name).
+pub trait SetHeaders {
+    /// Sets `name` to `value`, replacing what it had.
+    fn set(&mut self, name: HeaderName, value: HeaderValue);
+    /// Removes `name`, returning its value.
+    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue>;
+}
+
+impl SetHeaders for ResponseHeader {
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        let _ = self.insert_header(name, value);
+    }
+    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue> {
+        self.remove_header(name)
+    }
+}
+
+impl SetHeaders for http::HeaderMap {
+    fn set(&mut self, name: HeaderName, value: HeaderValue) {
+        self.insert(name, value);
+    }
+    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue> {
+        self.remove(name)
     }
 }

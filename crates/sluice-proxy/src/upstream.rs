@@ -272,9 +272,7 @@ impl Upstream {
         }
         out.extend_from_slice(b" HTTP/1.1\r\n");
         out.extend_from_slice(fixed);
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(out, b"content-length", body_len.to_string().as_bytes());
         // Values taken from the client's request were validated as header values when Pingora
         // parsed it; the request id is Sluice's own or one of those.
         let fields: [(&[u8], Option<&[u8]>); 4] = [
@@ -288,10 +286,7 @@ impl Upstream {
         ];
         for (name, value) in fields {
             if let Some(value) = value {
-                out.extend_from_slice(name);
-                out.extend_from_slice(b": ");
-                out.extend_from_slice(value);
-                out.extend_from_slice(b"\r\n");
+                push_field(out, name, value);
             }
         }
         out.extend_from_slice(b"\r\n");
@@ -409,22 +404,16 @@ impl Upstream {
 fn fixed_fields(d: &Deployment, host: &str) -> Result<Vec<u8>, &'static str> {
     let valid = |v: &[u8]| http::HeaderValue::from_bytes(v).is_ok();
     let mut out = Vec::with_capacity(128);
-    let mut field = |name: &str, value: &[u8]| {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
     if !valid(host.as_bytes()) {
         return Err("the deployment's host is not a valid header value");
     }
-    field("host", host.as_bytes());
-    field("content-type", b"application/json");
+    push_field(&mut out, b"host", host.as_bytes());
+    push_field(&mut out, b"content-type", b"application/json");
     if let Some(org) = &d.organization {
         if !valid(org.as_bytes()) {
             return Err("the deployment's organization is not a valid header value");
         }
-        field("openai-organization", org.as_bytes());
+        push_field(&mut out, b"openai-organization", org.as_bytes());
     }
     if let Some(key) = &d.api_key {
         let key = key.expose().as_bytes();
@@ -432,9 +421,17 @@ fn fixed_fields(d: &Deployment, host: &str) -> Result<Vec<u8>, &'static str> {
             return Err("the deployment's api_key is not a valid header value");
         }
         match d.provider {
-            Provider::Azure => field("api-key", key),
-            _ => field("authorization", &[b"Bearer ", key].concat()),
+            Provider::Azure => push_field(&mut out, b"api-key", key),
+            _ => push_field(&mut out, b"authorization", &[b"Bearer ", key].concat()),
         }
     }
     Ok(out)
+}
+
+/// Appends the header field `name: value` to a request head.
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }

@@ -111,7 +111,7 @@ impl Conn {
     pub async fn exchange(mut self, head: &[u8], body: &[u8]) -> Result<Answer, H1Error> {
         self.io.write_all_buf(&mut Buf::chain(head, body)).await?;
         self.io.flush().await?;
-        self.buf.clear();
+        // The buffer is empty here: a connection is pooled only with nothing left over.
         let mut any = false;
         loop {
             if !self.buf.is_empty() {
