@@ -104,11 +104,10 @@ impl Access {
         self.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         match format {
             AccessLog::Off => {}
-            AccessLog::Json => {
-                if let Ok(line) = serde_json::to_string(&self) {
-                    log::info!(target: "sluice::access", "{line}");
-                }
-            }
+            AccessLog::Json => crate::logging::access_line(|out| {
+                // Serializing into a Vec fails only on a non-string map key: there is none.
+                let _ = serde_json::to_writer(out, &self);
+            }),
             AccessLog::Text => {
                 let list = |items: Vec<String>| {
                     if items.is_empty() {
@@ -130,7 +129,7 @@ impl Access {
                         .collect(),
                 );
                 log::info!(
-                    target: "sluice::access",
+                    target: crate::logging::ACCESS_TARGET,
                     "request_id={} key={} {} {} group={} status={} tokens={} duration_ms={:.1} tried={tried} skipped={skipped}",
                     self.request_id,
                     self.key.as_deref().unwrap_or("-"),
