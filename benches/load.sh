@@ -5,7 +5,8 @@
 #   bash benches/load.sh            # DURATION=10 CONNS="64 256" ROUNDS=2 to change the run
 #
 # Upstream: nginx returning a fixed ~400-byte chat.completion (it costs almost nothing).
-# nginx proxy: proxy_pass with an upstream keepalive pool, as many workers as Sluice threads.
+# nginx proxy: proxy_pass with an upstream keepalive pool, as many workers as Sluice threads, in
+# an nginx of its own (the upstream is another nginx's workers); its CPU is its workers' only.
 # Sluice: a virtual key, the allow-list filter, a deployment with rpm/tpm high enough never to
 # refuse, Redis-backed limits (a real redis-server), /metrics, the JSON access log to a file.
 # Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
@@ -57,39 +58,45 @@ UPSTREAM=$(free_port); PROXY=$(free_port); SLUICE=$(free_port); REDIS=$(free_por
 # The upstream's answer: a realistic non-streamed chat completion.
 answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed answer from the load bench upstream, long enough to be realistic."},"finish_reason":"stop"}],"usage":{"prompt_tokens":350,"completion_tokens":24,"total_tokens":374}}'
 
-mkdir -p "$work/nginx"
-cat > "$work/nginx/nginx.conf" <<EOF
+# Two nginx instances, so that the proxy's workers do nothing but proxy (as Sluice's threads):
+# sharing workers with the upstream would let the proxy hand requests to the upstream without
+# waking another process, and would charge the upstream's CPU to the proxy.
+nginx_conf() { # name server-blocks
+  mkdir -p "$work/$1"
+  cat > "$work/$1/nginx.conf" <<EOF
 user root;
 worker_processes $THREADS;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
+pid $work/$1/nginx.pid;
+error_log $work/$1/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $work/nginx/body;
-  proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fastcgi;
-  uwsgi_temp_path $work/nginx/uwsgi;
-  scgi_temp_path $work/nginx/scgi;
+  client_body_temp_path $work/$1/body;
+  proxy_temp_path $work/$1/proxy;
+  fastcgi_temp_path $work/$1/fastcgi;
+  uwsgi_temp_path $work/$1/uwsgi;
+  scgi_temp_path $work/$1/scgi;
   keepalive_requests 100000;
-  upstream llm { server 127.0.0.1:$UPSTREAM; keepalive 256; }
-  server {
+  client_body_buffer_size 64k;
+$2
+}
+EOF
+}
+nginx_conf upstream "  server {
     listen 127.0.0.1:$UPSTREAM;
-    client_body_buffer_size 64k;
     location / { default_type application/json; return 200 '$answer'; }
-  }
+  }"
+nginx_conf proxy "  upstream llm { server 127.0.0.1:$UPSTREAM; keepalive 256; }
   server {
     listen 127.0.0.1:$PROXY;
-    client_body_buffer_size 64k;
     location / {
       proxy_pass http://llm;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection \"\";
     }
-  }
-}
-EOF
-nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' & nginx_pid=$!; pids+=($nginx_pid)
+  }"
+nginx -c "$work/upstream/nginx.conf" -g 'daemon off;' & pids+=($!)
+nginx -c "$work/proxy/nginx.conf" -g 'daemon off;' & nginx_pid=$!; pids+=($nginx_pid)
 target/release/sluice-mock --port "$MOCK" --stream-chunks 100 --stream-interval-ms 20 > /dev/null & pids+=($!)
 
 redis-server --port "$REDIS" --bind 127.0.0.1 --save '' --appendonly no --logfile "$work/redis.log" & pids+=($!)
