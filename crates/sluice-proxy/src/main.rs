@@ -91,6 +91,7 @@ fn run(cli: &Cli) -> ExitCode {
     let lifecycle = sluice_proxy::Lifecycle {
         config_path: Some(cli.config.clone().into()),
         exit_when_drained: true,
+        runtime_per_worker: true,
         upgrade: cli.upgrade,
         upgrade_sock: Some(cli.upgrade_sock.clone()),
     };

@@ -15,7 +15,7 @@ mod h1;
 
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE: Duration = Duration::from_secs(60);
-/// Most idle connections kept per deployment.
+/// Most idle connections kept per upstream server and worker thread.
 const POOL_KEEP: usize = 1024;
 /// Cap on connecting (TCP + TLS), whatever the deployment's `timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -434,31 +434,53 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
     }
 }
 
-/// Idle connections to one upstream, most recently used on top.
+/// One shard's idle connections, each with when it was put back, oldest first.
+type Idle = Vec<(Conn, Instant)>;
+
+/// How many shards a [`Pool`] has: threads map onto them round robin, so up to this many
+/// workers each have one of their own (more share, which is correct, just less local).
+const POOL_SHARDS: usize = 64;
+
+thread_local! {
+    /// This thread's pool shard, assigned on its first use of any pool.
+    static SHARD: usize = {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % POOL_SHARDS
+    };
+}
+
+/// Idle connections to one upstream, most recently used on top, in a shard per worker thread.
+///
+/// Sluice runs one single-threaded runtime per worker (crate docs, "One runtime per worker"),
+/// and a socket reports readiness to the runtime that opened it. A connection taken by another worker
+/// would have every wake-up cross threads (an `eventfd` write per event), so each worker
+/// takes back what it put: its own shard, no lock contention, no cross-thread wake-ups.
 pub struct Pool {
-    idle: Mutex<Vec<(Conn, Instant)>>,
+    shards: Box<[Mutex<Idle>]>,
     keep: usize,
     idle_timeout: Duration,
 }
 
 impl Pool {
-    /// A pool keeping at most `keep` idle connections, each for at most `idle_timeout`.
+    /// A pool keeping at most `keep` idle connections per shard (per worker), each for at most
+    /// `idle_timeout`.
     pub fn new(keep: usize, idle_timeout: Duration) -> Self {
         Self {
-            idle: Mutex::new(Vec::new()),
+            shards: (0..POOL_SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
             keep,
             idle_timeout,
         }
     }
 
-    /// The most recently used idle connection that is still open.
+    /// The most recently used idle connection of this thread's shard that is still open.
     pub fn take(&self) -> Option<Conn> {
         let now = Instant::now();
+        let shard = self.mine();
         loop {
-            let (mut conn, since) = self.lock().pop()?;
+            let (mut conn, since) = lock(shard).pop()?;
             if now.duration_since(since) > self.idle_timeout {
                 // Everything under it is older still.
-                self.lock().clear();
+                lock(shard).clear();
                 return None;
             }
             if conn.idle_and_open() {
@@ -467,10 +489,10 @@ impl Pool {
         }
     }
 
-    /// Keeps a connection for the next request (dropping it, which closes it, when the pool
-    /// is full).
+    /// Keeps a connection for this thread's next request (dropping it, which closes it, when
+    /// the shard is full).
     pub fn put(&self, conn: Conn) {
-        let mut idle = self.lock();
+        let mut idle = lock(self.mine());
         if idle.len() < self.keep {
             idle.push((conn, Instant::now()));
         }
@@ -479,18 +501,24 @@ impl Pool {
     /// Closes idle connections that timed out or that the peer closed.
     pub fn sweep(&self) {
         let now = Instant::now();
-        let mut idle = self.lock();
-        idle.retain_mut(|(conn, since)| {
-            now.duration_since(*since) <= self.idle_timeout && conn.idle_and_open()
-        });
+        for shard in self.shards.iter() {
+            lock(shard).retain_mut(|(conn, since)| {
+                now.duration_since(*since) <= self.idle_timeout && conn.idle_and_open()
+            });
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Conn, Instant)>> {
-        // A panic while holding the lock leaves a plain Vec behind: still usable.
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn mine(&self) -> &Mutex<Idle> {
+        let i = SHARD.with(|s| *s);
+        &self.shards[i % self.shards.len()]
     }
+}
+
+fn lock(shard: &Mutex<Idle>) -> std::sync::MutexGuard<'_, Idle> {
+    // A panic while holding the lock leaves a plain Vec behind: still usable.
+    shard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
