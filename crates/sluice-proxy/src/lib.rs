@@ -29,9 +29,8 @@
 //! connection's socket onto the runtime that serves it (a `dup`, one `epoll_ctl` each way,
 //! once per connection). TLS connections stay where they were accepted (correct, a little
 //! slower). Upstream pools are sharded per worker thread to match (`upstream::h1::Pool`).
-//! On the load bench: CPU per request 42.6 → 32.2 µs at 64 connections and 42.6 → 36.1 µs at
-//! 256 (four alternating rounds each, measured with one single-threaded service per worker,
-//! the same threading). The cost: a busy worker cannot hand work to an idle one, so an uneven
+//! On the load bench (three alternating rounds): 25.0k → 37.1k requests/s and CPU per request
+//! 42.4 → 27.0 µs at 64 connections, 23.4k → 27.0k and 47.5 → 40.2 µs at 256. The cost: a busy worker cannot hand work to an idle one, so an uneven
 //! share of long-lived connections stays uneven (as with nginx). In-process tests, which start
 //! and stop many servers, keep Pingora's work-stealing runtime ([`Lifecycle::runtime_per_worker`]
 //! says why); the binary, and so the process tests, run one runtime per worker.
