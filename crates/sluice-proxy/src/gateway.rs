@@ -251,7 +251,7 @@ impl State {
 }
 
 /// Sluice's HTTP application. One instance serves every listener thread; what comes from the
-/// configuration sits in a swappable [`State`], what must outlive a reload (connection pools,
+/// configuration sits in a swappable `State`, what must outlive a reload (connection pools,
 /// limit state, metrics, draining) sits here.
 pub struct Gateway {
     state: ArcSwap<State>,

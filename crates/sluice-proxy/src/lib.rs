@@ -25,7 +25,7 @@
 //! ran on whichever worker polled its socket last, so connection state moved between cores
 //! and workers woke each other. Pingora spawns each accepted connection on a random worker,
 //! while the socket reports readiness to the runtime that accepted it, which would cost an
-//! `eventfd` write and a cross-thread wake-up per event; so [`Front`] first moves a plain-TCP
+//! `eventfd` write and a cross-thread wake-up per event; so `Front` first moves a plain-TCP
 //! connection's socket onto the runtime that serves it (a `dup`, one `epoll_ctl` each way,
 //! once per connection). TLS connections stay where they were accepted (correct, a little
 //! slower). Upstream pools are sharded per worker thread to match (`upstream::h1::Pool`).

@@ -1,6 +1,6 @@
 //! Log output in batches. `env_logger` writes (and flushes) every record on its own, which
 //! costs a `write(2)` per access-log line, i.e. per request. Here records collect in a buffer
-//! that a background thread writes to stderr every [`INTERVAL`] (or at once past [`HIGH_WATER`]),
+//! that a background thread writes to stderr every [`INTERVAL`] (or at once past `HIGH_WATER`),
 //! so a busy gateway makes ten writes a second, not one per request. [`flush`] empties it
 //! (Sluice calls it before exiting); what a crash leaves in the buffer, at most one interval's
 //! worth, is lost.
