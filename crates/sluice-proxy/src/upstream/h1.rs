@@ -542,6 +542,40 @@ mod tests {
     }
 
     #[test]
+    fn a_worker_takes_back_what_it_put_and_no_other_worker_does() {
+        // The test thread is one worker with its runtime (as Sluice's are); the connection is
+        // registered there and must not be handed to another thread.
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let here = runtime();
+        let client = here.block_on(tokio::net::TcpStream::connect(addr)).unwrap();
+        let (_server_side, _) = listener.accept().unwrap(); // kept open: the connection is idle
+        let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60)));
+        pool.put(Conn::new(Box::new(
+            pingora_core::protocols::l4::stream::Stream::from(client),
+        )));
+        let elsewhere = std::thread::spawn({
+            let pool = pool.clone();
+            move || {
+                let _runtime = runtime();
+                pool.take().is_some()
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(!elsewhere, "another worker took this worker's connection");
+        let _in_here = here.enter();
+        assert!(pool.take().is_some(), "the worker that put it back gets it");
+        assert!(pool.take().is_none(), "and only once");
+    }
+
+    #[test]
     fn chunked_bodies_decode_across_any_split() -> Result<(), H1Error> {
         let wire: &[u8] = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: 1\r\n\r\n";
         for cut in 0..wire.len() {
