@@ -19,21 +19,23 @@
 //! 43–48 µs to 31–36 µs and 1,000 open streams from 157 MB to 98 MB (the module docs say how).
 //!
 //! # One runtime per worker
-//! The binary's `server.threads` workers are Pingora's "no steal" runtimes, one single-threaded tokio
-//! runtime each, like nginx's worker processes: a connection, its task and its upstream
-//! connections stay on one thread. With one work-stealing runtime (Pingora's default) a task
-//! ran on whichever worker polled its socket last, so connection state moved between cores
-//! and workers woke each other. Pingora spawns each accepted connection on a random worker,
-//! while the socket reports readiness to the runtime that accepted it, which would cost an
-//! `eventfd` write and a cross-thread wake-up per event; so `Front` first moves a plain-TCP
-//! connection's socket onto the runtime that serves it (a `dup`, one `epoll_ctl` each way,
-//! once per connection). TLS connections stay where they were accepted (correct, a little
-//! slower). Upstream pools are sharded per worker thread to match (`upstream::h1::Pool`).
-//! On the load bench (three alternating rounds): 25.0k → 37.1k requests/s and CPU per request
-//! 42.4 → 27.0 µs at 64 connections, 23.4k → 27.0k and 47.5 → 40.2 µs at 256. The cost: a busy worker cannot hand work to an idle one, so an uneven
-//! share of long-lived connections stays uneven (as with nginx). In-process tests, which start
-//! and stop many servers, keep Pingora's work-stealing runtime ([`Lifecycle::runtime_per_worker`]
-//! says why); the binary, and so the process tests, run one runtime per worker.
+//! The binary's `server.threads` workers are Pingora's "no steal" runtimes, one single-threaded
+//! tokio runtime each, like nginx's worker processes: a connection, its task and its upstream
+//! connections stay on one thread. With one work-stealing runtime (Pingora's default) a task ran on
+//! whichever worker polled its socket last, so connection state moved between cores and workers
+//! woke each other. Pingora spawns each accepted connection on a random worker, while the socket
+//! reports readiness to the runtime that accepted it, which would cost an `eventfd` write and a
+//! cross-thread wake-up per event; so `Front` first moves a plain-TCP connection's socket onto the
+//! runtime that serves it (a `dup`, one `epoll_ctl` each way, once per connection). TLS connections
+//! stay where they were accepted (correct, a little slower). Upstream pools are sharded per worker
+//! thread to match (`upstream::h1::Pool`). On the load bench (three alternating rounds): 25.0k →
+//! 37.1k requests/s and CPU per request 42.4 → 27.0 µs at 64 connections, 23.4k → 27.0k and 47.5 →
+//! 40.2 µs at 256. The cost: a busy worker cannot hand work to an idle one, so an uneven share of
+//! long-lived connections stays uneven (as with nginx). HTTP/2 is not pinned: Pingora spawns each
+//! stream of a connection on a random worker, so one busy HTTP/2 connection (from a load balancer,
+//! say) still uses every worker. In-process tests, which start and stop many servers, keep
+//! Pingora's work-stealing runtime ([`Lifecycle::runtime_per_worker`] says why); the binary, and so
+//! the process tests, run one runtime per worker.
 //!
 //! # Entry points
 //! [`build_server`] assembles a Pingora `Server` for a [`sluice_config::Config`]; the binary
