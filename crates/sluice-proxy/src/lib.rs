@@ -61,6 +61,12 @@ use sluice_ratelimit::{Ledger, Limiter, MemoryLedger, RedisLedger, Settings, Win
 pub use gateway::Gateway;
 pub use reject::Rejection;
 
+/// Locks `m`, carrying on past a holder's panic: every mutex in this crate guards plain data
+/// (a log buffer, idle connections, a map of pools) that a panic cannot leave half-changed.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The read buffer Pingora puts in front of each client connection: none. Its HTTP/1 parser
 /// reads the request into a buffer of its own, so an L4 buffer would only copy the bytes once
 /// more and hold memory per connection (64 KiB by default: 64 MB with a thousand open streams).

@@ -13,7 +13,9 @@
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, OnceLock};
+
+use crate::lock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often buffered records reach stderr.
@@ -34,10 +36,6 @@ static BATCHED: AtomicBool = AtomicBool::new(false);
 
 /// The access log's target (and its filter directive: `sluice::access=info`).
 pub const ACCESS_TARGET: &str = "sluice::access";
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn sink() -> &'static Sink {
     SINK.get_or_init(|| Sink {

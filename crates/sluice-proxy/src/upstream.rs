@@ -57,7 +57,7 @@ impl Connections {
     /// The pool for `deployment`'s server, shared by every deployment on it.
     fn pool(&self, deployment: &Deployment) -> Arc<h1::Pool> {
         let b = &deployment.api_base;
-        self.lock_pools()
+        crate::lock(&self.pools)
             .entry((b.tls, b.host.clone(), b.port))
             .or_insert_with(|| Arc::new(h1::Pool::new(POOL_KEEP, POOL_IDLE)))
             .clone()
@@ -67,20 +67,13 @@ impl Connections {
     /// forgets the pools of servers no deployment uses any more.
     pub fn sweep(&self) {
         let pools: Vec<Arc<h1::Pool>> = {
-            let mut pools = self.lock_pools();
+            let mut pools = crate::lock(&self.pools);
             pools.retain(|_, pool| Arc::strong_count(pool) > 1);
             pools.values().cloned().collect()
         };
         for pool in pools {
             pool.sweep();
         }
-    }
-
-    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, String, u16), Arc<h1::Pool>>> {
-        // A panic while holding the lock leaves a plain map behind: still usable.
-        self.pools
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -477,10 +477,10 @@ impl Pool {
         let now = Instant::now();
         let shard = self.mine();
         loop {
-            let (mut conn, since) = lock(shard).pop()?;
+            let (mut conn, since) = crate::lock(shard).pop()?;
             if now.duration_since(since) > self.idle_timeout {
                 // Everything under it is older still.
-                lock(shard).clear();
+                crate::lock(shard).clear();
                 return None;
             }
             if conn.idle_and_open() {
@@ -492,7 +492,7 @@ impl Pool {
     /// Keeps a connection for this thread's next request (dropping it, which closes it, when
     /// the shard is full).
     pub fn put(&self, conn: Conn) {
-        let mut idle = lock(self.mine());
+        let mut idle = crate::lock(self.mine());
         if idle.len() < self.keep {
             idle.push((conn, Instant::now()));
         }
@@ -502,7 +502,7 @@ impl Pool {
     pub fn sweep(&self) {
         let now = Instant::now();
         for shard in self.shards.iter() {
-            lock(shard).retain_mut(|(conn, since)| {
+            crate::lock(shard).retain_mut(|(conn, since)| {
                 now.duration_since(*since) <= self.idle_timeout && conn.idle_and_open()
             });
         }
@@ -512,13 +512,6 @@ impl Pool {
         let i = SHARD.with(|s| *s);
         &self.shards[i % self.shards.len()]
     }
-}
-
-fn lock(shard: &Mutex<Idle>) -> std::sync::MutexGuard<'_, Idle> {
-    // A panic while holding the lock leaves a plain Vec behind: still usable.
-    shard
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
