@@ -4,12 +4,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// glibc's allocator showed as ~14% of Sluice's CPU under load (perf, cpu-clock); requests
-// allocate and free many small buffers across threads, which mimalloc handles better. Built
-// with `no_thp`: transparent huge pages on its arenas added ~10 MB to the resident size at a
-// thousand open streams (67 MB against 57 MB), for no throughput measurable on the load bench.
+mod alloc;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: alloc::Mimalloc = alloc::Mimalloc;
 
 /// Exit status for a configuration that does not load (sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
