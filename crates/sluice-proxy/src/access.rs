@@ -58,8 +58,8 @@ pub struct Skipped {
 }
 
 impl Access {
-    /// Starts a record for a request.
-    pub fn start(method: &str, path: &str, request_id: Option<&[u8]>) -> Self {
+    /// Starts a record for a request that arrived at `started`.
+    pub fn start(started: Instant, method: &str, path: &str, request_id: Option<&[u8]>) -> Self {
         let request_id = request_id
             .filter(|id| {
                 !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_graphic())
@@ -67,7 +67,7 @@ impl Access {
             .and_then(|id| std::str::from_utf8(id).ok())
             .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
         Self {
-            started: Instant::now(),
+            started,
             upstream_time: std::time::Duration::ZERO,
             request_id,
             method: method.to_owned(),

@@ -1,26 +1,26 @@
 //! Which limits each request touches, registered once at start-up, and OpenAI's
 //! `x-ratelimit-*` headers.
 
-use std::collections::HashMap;
-
 use http::{HeaderName, HeaderValue};
 use pingora_http::ResponseHeader;
 use sluice_config::Config;
 use sluice_ratelimit::{Kind, LimitHandle, LimitSpec, Limiter};
 
+use crate::Map;
+
 /// Every scope's limits, looked up by index or deployment id on the request path.
 pub struct Scopes {
-    deployments: HashMap<String, Vec<LimitHandle>>,
+    deployments: Map<String, Vec<LimitHandle>>,
     /// Per key (index as in `config.keys`), per group: the key's own limits plus its
     /// per-model limits for that group.
-    keys: Vec<HashMap<String, Vec<LimitHandle>>>,
-    by_id: HashMap<String, LimitHandle>,
+    keys: Vec<Map<String, Vec<LimitHandle>>>,
+    by_id: Map<String, LimitHandle>,
 }
 
 impl Scopes {
     /// Registers the limits of every deployment and key in `config`.
     pub fn register(config: &Config, limiter: &Limiter) -> Self {
-        let mut by_id = HashMap::new();
+        let mut by_id = Map::default();
         let mut reg = |id: String, limit: Option<u64>, kind: Kind| {
             limit.map(|limit| {
                 let h = limiter.register(LimitSpec {
@@ -32,7 +32,7 @@ impl Scopes {
                 h
             })
         };
-        let mut deployments = HashMap::new();
+        let mut deployments = Map::default();
         for d in config.groups.iter().flat_map(|g| g.deployments.iter()) {
             let handles: Vec<LimitHandle> = [
                 reg(format!("deployment:{}:tpm", d.id), d.tpm, Kind::Tokens),
@@ -53,7 +53,7 @@ impl Scopes {
             .into_iter()
             .flatten()
             .collect();
-            let mut per_group = HashMap::new();
+            let mut per_group = Map::default();
             for g in &config.groups {
                 let mut handles = own.clone();
                 handles.extend(

@@ -6,11 +6,13 @@
 //! request field is `other`). Values that are state, not events (remaining budget, the
 //! overshoot bound, modes, cooldown state), are read at scrape time.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use sluice_openai::Endpoint;
 use sluice_ratelimit::{ClaimResult, LedgerOp, LimitHandle, Limiter, Mode, Observer};
@@ -31,6 +33,22 @@ pub enum Route {
 }
 
 impl Route {
+    /// How many routes there are (`index` is below this).
+    const COUNT: usize = 7;
+
+    /// A dense index, for per-route arrays.
+    fn index(self) -> usize {
+        match self {
+            Self::Api(Endpoint::ChatCompletions) => 0,
+            Self::Api(Endpoint::Completions) => 1,
+            Self::Api(Endpoint::Embeddings) => 2,
+            Self::Models => 3,
+            Self::Health => 4,
+            Self::Metrics => 5,
+            Self::Other => 6,
+        }
+    }
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -43,15 +61,51 @@ impl Route {
     }
 }
 
-/// `2xx`, `4xx`, … for an HTTP status; `error` for no status at all.
-pub fn status_class(status: u16) -> &'static str {
+/// The `status_class` label values, indexed by [`class_index`].
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Where an HTTP status's class (`2xx`, `4xx`, …) is in [`CLASSES`]; the last (`error`) for
+/// no status at all (0) or one outside 100–599.
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "error",
+        100..=599 => usize::from(status / 100 - 1),
+        _ => CLASSES.len() - 1,
+    }
+}
+
+/// Handles to the series the request path updates, per model group and per deployment,
+/// resolved at first use. `with_label_values` hashes the label values and takes the family's
+/// lock on every call (callgrind: ~220 instructions, seven calls per request, ~2 % of a
+/// request); a resolved handle is an atomic add. A series still appears in the exposition
+/// with its first event (or at [`Metrics::init`]), exactly as without the cache. The names come
+/// from the config (plus `none` and `unknown`); a name not in it takes `with_label_values`.
+#[derive(Default)]
+struct Resolved {
+    groups: crate::Map<Box<str>, GroupSeries>,
+    deployments: crate::Map<Box<str>, DeploymentSeries>,
+}
+
+#[derive(Default)]
+struct GroupSeries {
+    requests: [[OnceLock<IntCounter>; CLASSES.len()]; Route::COUNT],
+    duration: [OnceLock<Histogram>; Route::COUNT],
+}
+
+#[derive(Default)]
+struct DeploymentSeries {
+    requests: [OnceLock<IntCounter>; CLASSES.len()],
+    duration: OnceLock<Histogram>,
+    ttft: OnceLock<Histogram>,
+    prompt: OnceLock<IntCounter>,
+    completion: OnceLock<IntCounter>,
+}
+
+/// Applies `f` to the metric in `slot`, resolving it with `resolve` the first time; without a
+/// slot (a name the cache does not know), to a freshly resolved one.
+fn with<M>(slot: Option<&OnceLock<M>>, resolve: impl FnOnce() -> M, f: impl FnOnce(&M)) {
+    match slot {
+        Some(slot) => f(slot.get_or_init(resolve)),
+        None => f(&resolve()),
     }
 }
 
@@ -110,6 +164,7 @@ pub struct Metrics {
     cooldowns: IntCounterVec,
     cooldowns_seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     dropped_fields: IntCounterVec,
+    resolved: ArcSwap<Resolved>,
 }
 
 /// Registers metric definitions. They are fixed at compile time, so a failure is a
@@ -270,6 +325,7 @@ impl Metrics {
                 "Request fields the outbound allow-list left out (field: its name when known, else other)",
                 &["endpoint", "field"],
             ),
+            resolved: ArcSwap::default(),
             registry,
         }
     }
@@ -277,7 +333,17 @@ impl Metrics {
     /// Creates, at zero, every series whose labels the config already determines, so that
     /// each family is in the exposition (and `rate()` starts from 0) before its first event.
     pub fn init(&self, config: &sluice_config::Config) {
-        for d in config.groups.iter().flat_map(|g| g.deployments.iter()) {
+        let deployments = || config.groups.iter().flat_map(|g| g.deployments.iter());
+        let groups = config.groups.iter().map(|g| g.name.as_str());
+        self.resolved.store(std::sync::Arc::new(Resolved {
+            groups: (groups.chain(["none", "unknown"]))
+                .map(|g| (g.into(), GroupSeries::default()))
+                .collect(),
+            deployments: deployments()
+                .map(|d| (d.id.as_str().into(), DeploymentSeries::default()))
+                .collect(),
+        }));
+        for d in deployments() {
             let id = d.id.as_str();
             for class in ["2xx", "4xx", "5xx", "error"] {
                 self.upstream_requests.with_label_values(&[id, class]);
@@ -342,12 +408,25 @@ impl Metrics {
 
     /// Counts a finished request.
     pub fn request(&self, route: Route, group: &str, status: u16, took: Duration) {
-        self.requests
-            .with_label_values(&[route.as_str(), group, status_class(status)])
-            .inc();
-        self.request_duration
-            .with_label_values(&[route.as_str(), group])
-            .observe(took.as_secs_f64());
+        let resolved = self.resolved.load();
+        let series = resolved.groups.get(group);
+        let (r, class) = (route.index(), class_index(status));
+        with(
+            series.map(|s| &s.requests[r][class]),
+            || {
+                self.requests
+                    .with_label_values(&[route.as_str(), group, CLASSES[class]])
+            },
+            IntCounter::inc,
+        );
+        with(
+            series.map(|s| &s.duration[r]),
+            || {
+                self.request_duration
+                    .with_label_values(&[route.as_str(), group])
+            },
+            |h| h.observe(took.as_secs_f64()),
+        );
     }
 
     /// Records the time Sluice itself added to an API request.
@@ -357,29 +436,48 @@ impl Metrics {
 
     /// Counts one upstream call and how long it took (`status` 0: no answer).
     pub fn upstream(&self, deployment: &str, status: u16, took: Duration) {
-        self.upstream_requests
-            .with_label_values(&[deployment, status_class(status)])
-            .inc();
-        self.upstream_duration
-            .with_label_values(&[deployment])
-            .observe(took.as_secs_f64());
+        let resolved = self.resolved.load();
+        let series = resolved.deployments.get(deployment);
+        let class = class_index(status);
+        with(
+            series.map(|s| &s.requests[class]),
+            || {
+                self.upstream_requests
+                    .with_label_values(&[deployment, CLASSES[class]])
+            },
+            IntCounter::inc,
+        );
+        with(
+            series.map(|s| &s.duration),
+            || self.upstream_duration.with_label_values(&[deployment]),
+            |h| h.observe(took.as_secs_f64()),
+        );
     }
 
     /// Records the time to an upstream answer's first body byte.
     pub fn ttft(&self, deployment: &str, took: Duration) {
-        self.upstream_ttft
-            .with_label_values(&[deployment])
-            .observe(took.as_secs_f64());
+        let resolved = self.resolved.load();
+        with(
+            resolved.deployments.get(deployment).map(|s| &s.ttft),
+            || self.upstream_ttft.with_label_values(&[deployment]),
+            |h| h.observe(took.as_secs_f64()),
+        );
     }
 
     /// Counts the tokens an upstream reported.
     pub fn tokens(&self, deployment: &str, prompt: u64, completion: u64) {
-        self.tokens
-            .with_label_values(&[deployment, "prompt"])
-            .inc_by(prompt);
-        self.tokens
-            .with_label_values(&[deployment, "completion"])
-            .inc_by(completion);
+        let resolved = self.resolved.load();
+        let series = resolved.deployments.get(deployment);
+        with(
+            series.map(|s| &s.prompt),
+            || self.tokens.with_label_values(&[deployment, "prompt"]),
+            |c| c.inc_by(prompt),
+        );
+        with(
+            series.map(|s| &s.completion),
+            || self.tokens.with_label_values(&[deployment, "completion"]),
+            |c| c.inc_by(completion),
+        );
     }
 
     /// Counts a candidate refused by a limit.
@@ -450,6 +548,11 @@ impl Metrics {
                     .inc_by(now.saturating_sub(before));
             }
         }
+        self.render_registry()
+    }
+
+    /// The registry's text exposition as it stands.
+    fn render_registry(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -470,5 +573,105 @@ impl Observer for Metrics {
 
     fn ledger_error(&self, op: LedgerOp) {
         self.redis_errors.with_label_values(&[op.as_str()]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> sluice_config::Config {
+        let yaml = "model_list:\n  - model_name: g\n    litellm_params:\n      model: openai/m\n      api_base: http://127.0.0.1:9/v1\n";
+        match sluice_config::load(yaml) {
+            Ok(l) => l.config,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn value(m: &Metrics, series: &str) -> f64 {
+        let text = String::from_utf8_lossy(&m.render_registry()).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(-1.0)
+    }
+
+    #[test]
+    fn status_classes() {
+        let class = |s| CLASSES[class_index(s)];
+        assert_eq!(class(0), "error");
+        assert_eq!(class(99), "error");
+        assert_eq!(class(100), "1xx");
+        assert_eq!(class(200), "2xx");
+        assert_eq!(class(299), "2xx");
+        assert_eq!(class(302), "3xx");
+        assert_eq!(class(429), "4xx");
+        assert_eq!(class(599), "5xx");
+        assert_eq!(class(600), "error");
+    }
+
+    /// Resolved handles, the fallback for unknown names and a re-`init` (a reload) all count
+    /// into the same series, and nothing is lost across the reload.
+    #[test]
+    fn resolved_series_count_into_the_families() {
+        let m = Metrics::new();
+        let chat = Route::Api(Endpoint::ChatCompletions);
+        m.init(&config());
+        let ms = Duration::from_millis(1);
+        m.request(chat, "g", 200, ms);
+        m.request(chat, "g", 200, ms);
+        m.request(chat, "not-in-config", 503, ms);
+        m.upstream("g.0", 200, ms);
+        m.ttft("g.0", ms);
+        m.tokens("g.0", 7, 3);
+        m.upstream("gone.0", 0, ms);
+        m.init(&config());
+        m.request(chat, "g", 200, ms);
+        m.upstream("g.0", 200, ms);
+        m.tokens("g.0", 1, 1);
+        let req = |g: &str, c: &str| {
+            format!(
+                r#"sluice_requests_total{{model_group="{g}",route="chat_completions",status_class="{c}"}}"#
+            )
+        };
+        assert_eq!(value(&m, &req("g", "2xx")), 3.0);
+        assert_eq!(value(&m, &req("not-in-config", "5xx")), 1.0);
+        assert_eq!(
+            value(
+                &m,
+                r#"sluice_request_duration_seconds_count{model_group="g",route="chat_completions"}"#
+            ),
+            3.0
+        );
+        let up = r#"sluice_upstream_requests_total{deployment="g.0",status_class="2xx"}"#;
+        assert_eq!(value(&m, up), 2.0);
+        let err = r#"sluice_upstream_requests_total{deployment="gone.0",status_class="error"}"#;
+        assert_eq!(value(&m, err), 1.0);
+        assert_eq!(
+            value(
+                &m,
+                r#"sluice_upstream_duration_seconds_count{deployment="g.0"}"#
+            ),
+            2.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                r#"sluice_upstream_ttft_seconds_count{deployment="g.0"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&m, r#"sluice_tokens_total{deployment="g.0",kind="prompt"}"#),
+            8.0
+        );
+        assert_eq!(
+            value(
+                &m,
+                r#"sluice_tokens_total{deployment="g.0",kind="completion"}"#
+            ),
+            4.0
+        );
+        // Series without an event stay out of the exposition, as before the cache.
+        assert_eq!(value(&m, &req("g", "1xx")), -1.0);
     }
 }
