@@ -7,73 +7,16 @@ use sluice_testkit::{MockConfig, MockUpstream};
 
 use crate::common::{deployment, Sluice};
 
-/// Runs curl, returning (`%{http_version} %{http_code}`, body).
+/// Runs curl (see [`sluice_testkit::curl`]), failing the test when it fails.
 fn curl(args: &[&str]) -> (String, String) {
-    let dir = std::env::temp_dir().join(format!("sluice-curl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let body = dir.join(format!("body-{}", rand_suffix()));
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "20", "-o"])
-        .arg(&body)
-        .args(["-w", "%{http_version} %{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        std::fs::read_to_string(&body).unwrap(),
-    )
+    let dir = sluice_testkit::scratch_dir("curl").unwrap();
+    sluice_testkit::curl(&dir, args).unwrap()
 }
 
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
-/// A self-signed certificate for localhost and 127.0.0.1, made with openssl: (cert, key).
+/// A self-signed certificate for localhost and 127.0.0.1: (cert, key).
 fn self_signed() -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-tls-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    (cert, key)
+    let dir = sluice_testkit::scratch_dir("tls").unwrap();
+    sluice_testkit::self_signed_cert(&dir).unwrap()
 }
 
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;

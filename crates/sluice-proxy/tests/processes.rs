@@ -32,6 +32,11 @@ impl Replica {
 
     /// Spawns with `RUST_LOG=log`, returning the path stderr goes to.
     fn spawn_logging(config: &str, tag: &str, log: &str) -> (Self, PathBuf) {
+        Self::spawn_with(config, tag, log, &[])
+    }
+
+    /// Spawns with `RUST_LOG=log` and `env` added, returning the path stderr goes to.
+    fn spawn_with(config: &str, tag: &str, log: &str, env: &[(&str, &str)]) -> (Self, PathBuf) {
         let dir = std::env::temp_dir().join(format!("sluice-replicas-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port().unwrap();
@@ -47,6 +52,7 @@ impl Replica {
                 &port.to_string(),
             ])
             .env("RUST_LOG", log)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -1007,5 +1013,114 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// TLS under the binary's one-runtime-per-worker model (in-process tests run the work-stealing
+/// runtime): a TLS listener serving HTTP/2 (ALPN) and HTTP/1.1, JSON and streams, over many
+/// connections at once; and a second Sluice using the first as an HTTPS upstream, trusting its
+/// certificate through `SSL_CERT_FILE`, so the upstream TLS path carries real traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_and_https_upstream_under_one_runtime_per_worker() {
+    let dir = sluice_testkit::scratch_dir("tls-processes").unwrap();
+    let (cert, key) = sluice_testkit::self_signed_cert(&dir).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let provider = Replica::spawn(
+        // `x` too: the gateway below sends its deployments' upstream model, `x`.
+        &lifecycle_config(
+            &up.base_url(),
+            &["m", "x"],
+            &format!("server: {{tls: {{cert: '{cert}', key: '{key}'}}}}\n"),
+        ),
+        "tls-provider",
+    );
+    let https = format!("https://127.0.0.1:{}", provider.port);
+    let curl = |args: Vec<String>| {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            sluice_testkit::curl(&dir, &args)
+        })
+    };
+    let ready = Instant::now();
+    let readiness = format!("{https}/health/readiness");
+    while curl(vec!["--cacert".into(), cert.into(), readiness.clone()])
+        .await
+        .unwrap()
+        .map_or(true, |(status, _)| !status.ends_with(" 200"))
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(20),
+            "TLS listener never ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 32 clients at once, each its own TLS connection: HTTP/2 by ALPN, JSON.
+    let chat = format!("{https}/v1/chat/completions");
+    let json = |proto: &str| {
+        vec![
+            "--cacert".into(),
+            cert.into(),
+            proto.into(),
+            "-H".into(),
+            "content-type: application/json".into(),
+            "-d".into(),
+            BODY.into(),
+            chat.clone(),
+        ]
+    };
+    let calls: Vec<_> = (0..32).map(|_| curl(json("--http2"))).collect();
+    for call in calls {
+        let (status, body) = call.await.unwrap().unwrap();
+        assert_eq!(status, "2 200", "{body}");
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    // HTTP/1.1 over TLS, JSON and a stream.
+    let (status, body) = curl(json("--http1.1")).await.unwrap().unwrap();
+    assert_eq!(status, "1.1 200", "{body}");
+    let stream = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut args = json("--http1.1");
+    args[6] = stream.into();
+    let (status, body) = curl(args).await.unwrap().unwrap();
+    assert_eq!(status, "1.1 200", "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(up.calls(), 34);
+
+    // A gateway whose upstream is the provider, over HTTPS.
+    let (gateway, _) = Replica::spawn_with(
+        &lifecycle_config(&format!("{https}/v1"), &["m"], ""),
+        "tls-gateway",
+        "warn",
+        &[("SSL_CERT_FILE", cert)],
+    );
+    gateway.wait_for("ready", |_| true).await;
+    let sends: Vec<_> = (0..32)
+        .map(|_| {
+            gateway
+                .chat(BODY)
+                .header("content-type", "application/json")
+                .send()
+        })
+        .collect();
+    for send in sends {
+        let resp = send.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    let resp = gateway
+        .chat(stream)
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    assert_eq!(
+        up.calls(),
+        34 + 33,
+        "every gateway request crossed both hops"
     );
 }

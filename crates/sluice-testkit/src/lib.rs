@@ -6,11 +6,14 @@
 //!   strict field checking, a pause mid-stream) and recording every request it receives so
 //!   tests can assert who was called, how often, with what.
 //! - [`RedisServer`]: a real `redis-server` on a free loopback port, stopped on drop.
+//! - [`self_signed_cert`] and [`curl`]: a certificate from `openssl` and a TLS/HTTP/2 client.
 //!
 //! The upstream providers are the one thing Sluice's tests fake; Redis is always real.
 
 mod mock;
 mod redis;
+mod tools;
 
 pub use mock::{Fault, MockConfig, MockUpstream, Recorded};
 pub use redis::{free_port, RedisServer};
+pub use tools::{curl, scratch_dir, self_signed_cert};
