@@ -1149,6 +1149,20 @@ impl Ctx<'_> {
 impl HttpServerApp for Gateway {
     async fn process_new_http(
         self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.serve(session, shutdown).await
+    }
+}
+
+impl Gateway {
+    /// One request on `session`: reads it, answers it, and hands the connection back when it
+    /// may carry another. [`HttpServerApp::process_new_http`] for Pingora's loops (HTTP/2,
+    /// TLS), and called directly by the plain HTTP/1 loop (`Front::serve_h1`), whose
+    /// connection future then holds this one instead of a box per request.
+    pub(crate) async fn serve(
+        self: &Arc<Self>,
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {

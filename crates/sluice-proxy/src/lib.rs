@@ -9,7 +9,10 @@
 //! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly: Sluice keeps
 //! Pingora's server, listeners, TLS, graceful shutdown/upgrade and its transport connector
 //! (TCP and TLS to upstreams), owns the fallback loop and body replay, and does not compile
-//! `pingora-proxy`/`pingora-cache` at all.
+//! `pingora-proxy`/`pingora-cache` at all. Plain HTTP/1 connections run their keep-alive loop
+//! in `Front` rather than Pingora's, calling the gateway without the trait, so a request's
+//! state lives in its connection's task instead of two boxes allocated per request; HTTP/2
+//! and TLS take Pingora's loop, which calls the same code through `HttpServerApp`.
 //!
 //! # Why an HTTP/1.1 client of its own
 //! Upstream requests go through `upstream::h1`, a small HTTP/1.1 client on the connections
@@ -377,6 +380,35 @@ impl Front {
     }
 }
 
+impl Front {
+    /// HTTP/1 on a plain connection, request after request: Pingora's loop for an
+    /// `HttpServerApp` (`pingora_core::apps`, HTTP/1 branch: keep-alive 60 s, none once
+    /// shutting down, `keepalive_request_limit`, settings carried to the next request), but
+    /// calling [`Gateway::serve`] directly. Through the trait, each request's future went into
+    /// a box of its own, twice (`async_trait` on `SharedGateway` and on `Gateway`): two
+    /// allocations of the whole request state, and the copy into them, per request.
+    async fn serve_h1(
+        &self,
+        stream: pingora_core::protocols::Stream,
+        shutdown: &pingora_core::server::ShutdownWatch,
+    ) -> Option<pingora_core::protocols::Stream> {
+        use pingora_core::protocols::http::ServerSession;
+        let gateway = &self.h1.0;
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        session.set_keepalive_reuses_remaining(self.h1.1.keepalive_request_limit);
+        let mut reused = gateway.serve(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = gateway.serve(session, shutdown).await;
+        }
+        None
+    }
+}
+
 #[async_trait::async_trait]
 impl pingora_core::apps::ServerApp for Front {
     async fn process_new(
@@ -385,12 +417,12 @@ impl pingora_core::apps::ServerApp for Front {
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::protocols::Stream> {
         let mut stream = rehome(stream);
-        let Some(h2c) = self
-            .h2c
-            .as_ref()
-            .filter(|_| stream.get_ssl_digest().is_none())
-        else {
+        if stream.get_ssl_digest().is_some() {
+            // Pingora's loop: HTTP/2 when ALPN chose it, else HTTP/1.1 over TLS.
             return self.h1.process_new(stream, shutdown).await;
+        }
+        let Some(h2c) = &self.h2c else {
+            return self.serve_h1(stream, shutdown).await;
         };
         let limit = self.h1.0.client_timeout();
         let sniff = async {
@@ -405,7 +437,7 @@ impl pingora_core::apps::ServerApp for Front {
         };
         match tokio::time::timeout(limit, sniff).await {
             Ok(Some(true)) => h2c.process_new(stream, shutdown).await,
-            Ok(Some(false)) => self.h1.process_new(stream, shutdown).await,
+            Ok(Some(false)) => self.serve_h1(stream, shutdown).await,
             _ => None, // closed, or too slow to say even what protocol it speaks
         }
     }
