@@ -10,8 +10,9 @@
 # Sluice: a virtual key, the allow-list filter, a deployment with rpm/tpm high enough never to
 # refuse, Redis-backed limits (a real redis-server), /metrics, the JSON access log to a file.
 # Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
-# requests/s, p50 and p99, the ratio Sluice/nginx, CPU per request of Sluice and of nginx, and
-# Redis commands per request. Then (PHASES, default "throughput fixed stream"):
+# requests/s, p50 and p99, the ratio Sluice/nginx, CPU per request of Sluice and of nginx (user
+# and kernel apart: utime and stime), and Redis commands per request. Then (PHASES, default
+# "throughput fixed stream"):
 #   fixed   oha at a fixed rate (RATE=2000/s, FIXED_SECONDS=10) against the upstream directly,
 #           through nginx and through Sluice: added latency is the difference of p50 and p99.
 #   stream  STREAMS=1000 concurrent SSE streams of 100 chunks (20 ms apart) from sluice-mock
@@ -148,12 +149,18 @@ check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE/v1/chat
   -H 'authorization: Bearer sk-bench' -H 'content-type: application/json' --data-binary @"$work/body.json")
 [ "$check" = 200 ] || { echo "load bench: Sluice answered $check" >&2; cat "$work/access.log" >&2; exit 1; }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-nginx_ticks() { local t=0 p; for p in $(pgrep -P "$nginx_pid"); do t=$((t + $(cpu_ticks "$p"))); done; echo "$t"; }
+# CPU ticks of a process: "user kernel" (utime and stime of /proc/PID/stat).
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+nginx_ticks() {
+  local u=0 k=0 p a b
+  for p in $(pgrep -P "$nginx_pid"); do read -r a b < <(cpu_ticks "$p"); u=$((u + a)); k=$((k + b)); done
+  echo "$u $k"
+}
 redis_commands() { redis-cli -p "$REDIS" info stats | tr -d '\r' | awk -F: '/^total_commands_processed/ {print $2}'; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$sluice_pid/status"; }
 declare -A rps p50 p99 fixed_p50 fixed_p99
-sluice_requests=0; sluice_ticks=0; nginx_requests=0; nginx_ticks_sum=0; redis_sum=0
+sluice_requests=0; nginx_requests=0; redis_sum=0
+sluice_user=0; sluice_kernel=0; nginx_user=0; nginx_kernel=0
 hz=$(getconf CLK_TCK)
 avg() { awk '{s=0; for(i=1;i<=NF;i++) s+=$i; printf "%.0f", s/NF}' <<<"$1"; }
 if [[ " $PHASES " == *" throughput "* ]]; then
@@ -171,15 +178,19 @@ for conns in $CONNS; do
   for round in $(seq "$ROUNDS"); do
     for target in direct nginx sluice; do
       case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
-      [ "$target" = sluice ] && { t0=$(cpu_ticks "$sluice_pid"); c0=$(redis_commands); }
-      [ "$target" = nginx ] && t0=$(nginx_ticks)
+      [ "$target" = sluice ] && { read -r u0 k0 < <(cpu_ticks "$sluice_pid"); c0=$(redis_commands); }
+      [ "$target" = nginx ] && read -r u0 k0 < <(nginx_ticks)
       read -r r a b n < <(run "$target" "$port" "$conns")
       if [ "$target" = sluice ]; then
-        sluice_ticks=$((sluice_ticks + $(cpu_ticks "$sluice_pid") - t0)); sluice_requests=$((sluice_requests + n))
+        read -r u1 k1 < <(cpu_ticks "$sluice_pid")
+        sluice_user=$((sluice_user + u1 - u0)); sluice_kernel=$((sluice_kernel + k1 - k0))
+        sluice_requests=$((sluice_requests + n))
         redis_sum=$((redis_sum + $(redis_commands) - c0))
       fi
       if [ "$target" = nginx ]; then
-        nginx_ticks_sum=$((nginx_ticks_sum + $(nginx_ticks) - t0)); nginx_requests=$((nginx_requests + n))
+        read -r u1 k1 < <(nginx_ticks)
+        nginx_user=$((nginx_user + u1 - u0)); nginx_kernel=$((nginx_kernel + k1 - k0))
+        nginx_requests=$((nginx_requests + n))
       fi
       echo "  round $round c=$conns $target: $r req/s, p50 $a, p99 $b" >&2
       rps[$target,$conns]="${rps[$target,$conns]:-} $r"; p50[$target,$conns]=$a; p99[$target,$conns]=$b
@@ -196,10 +207,11 @@ for conns in $CONNS; do
   echo "sluice/nginx at c=$conns: ${ratio}x"
 done
 rss=$(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")
-cpu_us=$(awk -v t="$sluice_ticks" -v hz="$hz" -v n="$sluice_requests" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
-nginx_us=$(awk -v t="$nginx_ticks_sum" -v hz="$hz" -v n="$nginx_requests" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}')
-echo "sluice: peak RSS $rss; CPU $cpu_us µs per request ($(awk -v c="$cpu_us" 'BEGIN{printf "%.2f", c*10000/1e6}') s per 10k requests) over $sluice_requests requests"
-echo "nginx: CPU $nginx_us µs per request (workers) over $nginx_requests requests"
+per_request() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}'; }
+cpu_us=$(per_request $((sluice_user + sluice_kernel)) "$sluice_requests")
+nginx_us=$(per_request $((nginx_user + nginx_kernel)) "$nginx_requests")
+echo "sluice: peak RSS $rss; CPU $cpu_us µs per request (user $(per_request "$sluice_user" "$sluice_requests"), kernel $(per_request "$sluice_kernel" "$sluice_requests"); $(awk -v c="$cpu_us" 'BEGIN{printf "%.2f", c*10000/1e6}') s per 10k requests) over $sluice_requests requests"
+echo "nginx: CPU $nginx_us µs per request (user $(per_request "$nginx_user" "$nginx_requests"), kernel $(per_request "$nginx_kernel" "$nginx_requests"); workers) over $nginx_requests requests"
 echo "redis: $(awk -v c="$redis_sum" -v n="$sluice_requests" 'BEGIN{printf "%.5f", c/n}') commands per Sluice request ($redis_sum commands)"
 echo "sluice: $(wc -l < "$work/access.log") access-log lines written"
 fi
