@@ -1,5 +1,5 @@
-//! HTTP/2 clients (h2c with prior knowledge) and TLS on the listener (HTTP/2 by ALPN),
-//! driven with curl.
+//! HTTP/2 clients (h2c with prior knowledge, and what happens with h2c off) and TLS on the
+//! listener (HTTP/2 by ALPN), driven with curl.
 
 use std::process::Command;
 
@@ -46,6 +46,42 @@ async fn http2_clients_with_prior_knowledge_are_served() {
     let (status, body) = args(STREAM).await.unwrap();
     assert_eq!(status, "2 200");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+}
+
+/// With `server.h2c: false` there is no sniffing: connections go straight to the HTTP/1 loop,
+/// which serves JSON and streams, and an HTTP/2 prior-knowledge client is not answered as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_h2c_http1_is_served_and_http2_prior_knowledge_is_not() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let s = Sluice::one_deployment("m", &up.base_url(), "server: {h2c: false}\n").await;
+    let url = s.url("/v1/chat/completions");
+    let post = |body: &'static str, h2: bool| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = sluice_testkit::scratch_dir("curl").unwrap();
+            let mut args = vec!["-H", "content-type: application/json", "-d", body, &url];
+            if h2 {
+                args.insert(0, "--http2-prior-knowledge");
+            }
+            sluice_testkit::curl(&dir, &args)
+        })
+    };
+    let (status, body) = post(BODY, false).await.unwrap().unwrap();
+    assert_eq!(status, "1.1 200", "{body}");
+    assert!(body.contains("chat.completion"), "{body}");
+    let (status, body) = post(STREAM, false).await.unwrap().unwrap();
+    assert_eq!(status, "1.1 200");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    let h2 = post(BODY, true).await.unwrap();
+    assert!(
+        h2.as_ref().map_or(true, |(status, _)| status != "2 200"),
+        "HTTP/2 was served with h2c off: {h2:?}"
+    );
+    assert_eq!(
+        up.calls(),
+        2,
+        "the HTTP/2 attempt never reached the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
