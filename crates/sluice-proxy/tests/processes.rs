@@ -98,20 +98,29 @@ impl Replica {
 
     /// Waits (bounded) until readiness answers 200 and `check` accepts its body.
     async fn wait_for(&self, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> Duration {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = self.readiness().await {
-                if check(&v) {
-                    return start.elapsed();
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "replica never became {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let check = &check;
+        eventually(what, || async move {
+            self.readiness().await.filter(|v| check(v))
+        })
+        .await
     }
+}
+
+/// Probes until `probe` answers `Some` (bounded: 20 s), returning how long that took: the one
+/// place these tests poll a replica from outside.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> Duration {
+    let start = Instant::now();
+    while probe().await.is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "replica never became {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
 }
 
 impl Drop for Replica {
@@ -1043,19 +1052,16 @@ async fn tls_listener_and_https_upstream_under_one_runtime_per_worker() {
             sluice_testkit::curl(&dir, &args)
         })
     };
-    let ready = Instant::now();
     let readiness = format!("{https}/health/readiness");
-    while curl(vec!["--cacert".into(), cert.into(), readiness.clone()])
-        .await
-        .unwrap()
-        .map_or(true, |(status, _)| !status.ends_with(" 200"))
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(20),
-            "TLS listener never ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("ready over TLS", || async {
+        let probe = curl(vec!["--cacert".into(), cert.into(), readiness.clone()]);
+        probe
+            .await
+            .unwrap()
+            .ok()
+            .filter(|(status, _)| status.ends_with(" 200"))
+    })
+    .await;
     // 32 clients at once, each its own TLS connection: HTTP/2 by ALPN, JSON.
     let chat = format!("{https}/v1/chat/completions");
     let json = |proto: &str| {
