@@ -378,9 +378,7 @@ impl Front {
                 .then(|| Arc::new(SharedGateway(gateway.clone(), options))),
         }
     }
-}
 
-impl Front {
     /// HTTP/1 on a plain connection, request after request: Pingora's loop for an
     /// `HttpServerApp` (`pingora_core::apps`, HTTP/1 branch: keep-alive 60 s, none once
     /// shutting down, `keepalive_request_limit`, settings carried to the next request), but
@@ -392,18 +390,23 @@ impl Front {
         stream: pingora_core::protocols::Stream,
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::protocols::Stream> {
-        use pingora_core::protocols::http::ServerSession;
-        let gateway = &self.h1.0;
-        let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive((!*shutdown.borrow()).then_some(60));
-        session.set_keepalive_reuses_remaining(self.h1.1.keepalive_request_limit);
-        let mut reused = gateway.serve(session, shutdown).await;
-        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+        let mut next = Some((stream, None::<pingora_core::apps::HttpPersistentSettings>));
+        while let Some((stream, settings)) = next {
+            let mut session = pingora_core::protocols::http::ServerSession::new_http1(stream);
+            match settings {
+                // A request after the first: what the previous one left (keep-alive, reuses).
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => {
+                    session.set_keepalive((!*shutdown.borrow()).then_some(60));
+                    session.set_keepalive_reuses_remaining(self.h1.1.keepalive_request_limit);
+                }
             }
-            reused = gateway.serve(session, shutdown).await;
+            next = self
+                .h1
+                .0
+                .serve(session, shutdown)
+                .await
+                .map(|r| r.consume());
         }
         None
     }

@@ -14,9 +14,9 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::lock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often buffered records reach stderr.
 pub const INTERVAL: Duration = Duration::from_millis(100);
