@@ -283,3 +283,72 @@ async fn completions_embeddings_models_and_health() {
         200
     );
 }
+
+/// Sends one raw HTTP/1.1 request (`Connection: close`) and returns the whole answer.
+async fn raw_request(s: &Sluice, head: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut out),
+    )
+    .await
+    .expect("no answer within 10 s")
+    .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_read_in_pieces_reaches_the_upstream_whole() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
+    // Distinct bytes all along, so a piece lost, doubled or out of order shows.
+    let content: String = (0..40_000).map(|i| format!("{i:05} ")).collect();
+    let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    let sent_content = |n: usize| {
+        let requests = up.requests();
+        assert_eq!(requests.len(), n);
+        requests[n - 1].json()["messages"][0]["content"]
+            .as_str()
+            .map(str::to_owned)
+    };
+
+    // 240 KB with a Content-Length: more than the server reads at once (64 KiB), so it
+    // arrives in several pieces whatever the timing.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let out = raw_request(&s, &head, body.as_bytes()).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "{}",
+        &out[..out.len().min(300)]
+    );
+    assert_eq!(sent_content(1).as_deref(), Some(content.as_str()));
+
+    // Chunked: three chunks, each a piece of the body.
+    let (a, rest) = body.as_bytes().split_at(1000);
+    let (b, c) = rest.split_at(100_000);
+    let mut chunked = Vec::new();
+    for piece in [a, b, c] {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let head =
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let out = raw_request(&s, head, &chunked).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "{}",
+        &out[..out.len().min(300)]
+    );
+    assert_eq!(sent_content(2).as_deref(), Some(content.as_str()));
+}

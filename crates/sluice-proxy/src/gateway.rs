@@ -1236,17 +1236,31 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
         session.set_keepalive(None);
         return Err(Rejection::TooLarge(max));
     }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    // A body usually arrives as one chunk (Pingora hands out its own copy of it): that chunk
+    // is the body, uncopied. Only a body in pieces is joined in a buffer of its own.
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    let mut len = 0;
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > max {
+                len += chunk.len();
+                if len > max {
                     session.set_keepalive(None);
                     return Err(Rejection::TooLarge(max));
                 }
-                buf.extend_from_slice(&chunk);
+                match first.take() {
+                    None if joined.is_empty() => first = Some(chunk),
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            joined.reserve(declared.unwrap_or(len).max(len));
+                            joined.extend_from_slice(&earlier);
+                        }
+                        joined.extend_from_slice(&chunk);
+                    }
+                }
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
             Err(e) => {
                 log::debug!("reading request body: {e}");
                 session.set_keepalive(None);
