@@ -204,7 +204,16 @@ for conns in $CONNS; do
     printf '%-8s %6s %12s %10s %10s\n' "$target" "$conns" "$(avg "${rps[$target,$conns]}")" "${p50[$target,$conns]}" "${p99[$target,$conns]}"
   done
   ratio=$(awk -v s="$(avg "${rps[sluice,$conns]}")" -v n="$(avg "${rps[nginx,$conns]}")" 'BEGIN{printf "%.2f", s/n}')
-  echo "sluice/nginx at c=$conns: ${ratio}x"
+  # Each round's Sluice run against the nginx run just before it: a machine whose speed drifts
+  # (a shared VM) moves both alike, so these pairs are steadier than the averages.
+  paired=$(awk -v s="${rps[sluice,$conns]}" -v n="${rps[nginx,$conns]}" 'BEGIN{
+    k = split(s, a, " "); split(n, b, " ")
+    for (i = 1; i <= k; i++) r[i] = a[i] / b[i]
+    for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+    for (i = 1; i <= k; i++) out = out sprintf("%s%.2f", i > 1 ? " " : "", r[i])
+    m = (k % 2) ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
+    printf "%s; median %.2f", out, m }')
+  echo "sluice/nginx at c=$conns: ${ratio}x (per round, sorted: $paired)"
 done
 rss=$(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")
 per_request() { awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN{printf "%.1f", t / hz * 1e6 / n}'; }
@@ -249,10 +258,12 @@ if [[ " $PHASES " == *" fixed "* ]]; then
     read -r n e a b < <(oha_summary "$work/fixed.json")
     echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
     fixed_p50[$target]=$a; fixed_p99[$target]=$b
+    if [ "$target" = sluice ]; then # a round done: what each proxy adds to its direct run
+      for proxy in nginx sluice; do
+        echo "  $proxy adds: p50 $(( ${fixed_p50[$proxy]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[$proxy]} - ${fixed_p99[direct]} )) µs"
+      done
+    fi
   done 2>&1
-  for target in nginx sluice; do
-    echo "$target adds: p50 $(( ${fixed_p50[$target]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[$target]} - ${fixed_p99[direct]} )) µs (last round)"
-  done
 fi
 
 if [[ " $PHASES " == *" stream "* ]]; then
