@@ -29,7 +29,19 @@ const HIGH_WATER: usize = 64 * 1024;
 /// but for the writer taking the records out once an interval. (One buffer shared by every
 /// worker cost a contended lock and a cache line passed between cores on every request: with
 /// two workers, 0.65 % of Sluice's CPU sat on that lock's release alone.)
-type Shard = Arc<Mutex<Vec<u8>>>;
+type Shard = Arc<Mutex<Buffers>>;
+
+/// A thread's records and the buffer they move to next: batches alternate between the two, so
+/// a busy thread reuses the same memory instead of growing a new buffer for every batch.
+#[derive(Default)]
+struct Buffers {
+    lines: Vec<u8>,
+    spare: Vec<u8>,
+}
+
+/// A written batch's buffer is kept as the spare up to this size (a burst of huge lines is
+/// not held on to).
+const KEEP: usize = 4 * HIGH_WATER;
 
 struct Sink {
     /// The shard of every thread that logged and is alive, or still has records.
@@ -77,21 +89,28 @@ fn drain(out: &mut impl Write) {
     }
     drop(shards);
     // The list holds one reference; a second is its thread's, while that thread lives.
-    lock(&sink.shards).retain(|s| Arc::strong_count(s) > 1 || !lock(s).is_empty());
+    lock(&sink.shards).retain(|s| Arc::strong_count(s) > 1 || !lock(s).lines.is_empty());
 }
 
-/// Writes a shard's records to `out` (the caller holds `out`'s order lock). The shard keeps an
-/// empty buffer of the same size, so a busy thread does not grow a new one every interval.
+/// Writes a shard's records to `out` (the caller holds `out`'s order lock); the thread goes on
+/// in the spare buffer meanwhile, and the written one becomes the spare.
 fn take_and_write(shard: &Shard, out: &mut impl Write) {
-    let batch = {
-        let mut buf = lock(shard);
-        if buf.is_empty() {
+    let mut batch = {
+        let mut b = lock(shard);
+        if b.lines.is_empty() {
             return;
         }
-        let fresh = Vec::with_capacity(buf.capacity().min(HIGH_WATER));
-        std::mem::replace(&mut *buf, fresh)
+        let spare = std::mem::take(&mut b.spare);
+        std::mem::replace(&mut b.lines, spare)
     };
     let _ = out.write_all(&batch);
+    if batch.capacity() <= KEEP {
+        batch.clear();
+        let mut b = lock(shard);
+        if b.spare.capacity() == 0 {
+            b.spare = batch;
+        }
+    }
 }
 
 /// Appends a finished line (or several) to this thread's batch; a full batch is written now.
@@ -103,9 +122,13 @@ fn append(data: &[u8]) {
             shard
         });
         let full = {
-            let mut buf = lock(shard);
-            buf.extend_from_slice(data);
-            buf.len() >= HIGH_WATER
+            let mut b = lock(shard);
+            if b.lines.capacity() == 0 {
+                // Room for a full batch and the line that fills it, grown once.
+                b.lines.reserve(HIGH_WATER + 16 * 1024);
+            }
+            b.lines.extend_from_slice(data);
+            b.lines.len() >= HIGH_WATER
         };
         if full {
             let _order = lock(&sink().out);
@@ -251,6 +274,19 @@ mod tests {
         let mut out = Vec::new();
         drain(&mut out);
         assert_eq!(out, b"main\n");
-        assert_eq!(lock(&sink().shards).len(), 1);
+        let shards = lock(&sink().shards).clone();
+        assert_eq!(shards.len(), 1);
+        // The written buffer is kept for the next batch, no new one grown.
+        let spare = lock(&shards[0]).spare.capacity();
+        assert!(spare >= HIGH_WATER, "spare buffer of {spare} bytes");
+        append(b"again\n");
+        let mut out = Vec::new();
+        drain(&mut out);
+        assert_eq!(out, b"again\n");
+        assert_eq!(
+            lock(&shards[0]).spare.capacity(),
+            spare,
+            "the two buffers alternate"
+        );
     }
 }
