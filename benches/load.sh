@@ -19,6 +19,9 @@
 #           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
 #           requests, errors, p99, Sluice's RSS.
+# CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
+# and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
+# in the throughput runs.
 # Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server) and, for
 # fixed/stream/soak, oha (cargo install oha --locked). SLUICE_WRAP prefixes Sluice's command
 # (e.g. SLUICE_WRAP="valgrind --tool=massif" to profile its heap).
@@ -140,6 +143,21 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer sk-bench"
 local f = io.open("$work/body.json", "r"); wrk.body = f:read("*a"); f:close()
 EOF
+if [ "${CLIENT:-}" = sdk ]; then
+  cat >> "$work/post.lua" <<'EOF'
+wrk.headers["User-Agent"] = "OpenAI/Python 1.54.0"
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["X-Stainless-Lang"] = "python"
+wrk.headers["X-Stainless-Package-Version"] = "1.54.0"
+wrk.headers["X-Stainless-OS"] = "Linux"
+wrk.headers["X-Stainless-Arch"] = "x64"
+wrk.headers["X-Stainless-Runtime"] = "CPython"
+wrk.headers["X-Stainless-Runtime-Version"] = "3.11.7"
+wrk.headers["X-Stainless-Retry-Count"] = "0"
+wrk.headers["X-Stainless-Read-Timeout"] = "600"
+EOF
+fi
 
 for port in "$UPSTREAM" "$PROXY" "$SLUICE"; do
   for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" -X GET 2>/dev/null && break
