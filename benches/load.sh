@@ -19,6 +19,12 @@
 #           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
 #           requests, errors, p99, Sluice's RSS.
+#   profile (PHASES=profile) a second Sluice, same config, under callgrind with its cache
+#           simulator (D1 48 KiB, last level 1 MiB: this machine's L1d and L2 per core):
+#           PROFILE_REQUESTS=5000 requests at 8 and at 256 connections after a warm-up, and
+#           per request the instructions, the data reads and writes that miss L1, and those
+#           that miss the 1 MiB level. Counts, not seconds: the same on a busy machine, so a
+#           change can be judged where wall-clock runs are too noisy (needs valgrind).
 # CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
 # and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
 # in the throughput runs.
@@ -310,4 +316,33 @@ if [[ " $PHASES " == *" soak "* ]]; then
   echo "soak: RSS peak $(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")"
   sleep 15
   echo "soak: RSS after 15 s idle: $(( $(rss_kb) / 1024 )) MB"
+fi
+
+if [[ " $PHASES " == *" profile "* ]]; then
+  command -v callgrind_control >/dev/null || { echo "load bench: valgrind is missing" >&2; exit 1; }
+  PROFILE_REQUESTS=${PROFILE_REQUESTS:-5000}
+  echo
+  echo "profile: $PROFILE_REQUESTS requests per line under callgrind (counts per request)"
+  printf '%6s %14s %14s %14s\n' conns instructions "L1 misses" "1 MiB misses"
+  for conns in 8 256; do
+    port=$(free_port); rm -f "$work"/callgrind.out*
+    RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} valgrind --tool=callgrind --cache-sim=yes \
+      --D1=49152,12,64 --LL=1048576,16,64 --callgrind-out-file="$work/callgrind.out" \
+      target/release/sluice --config "$work/sluice.yaml" --port "$port" \
+      --upgrade-sock "$work/profile.sock" 2> "$work/profile.log" & vg_pid=$!
+    for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" 2>/dev/null && break; sleep 0.1; done
+    url="http://127.0.0.1:$port/v1/chat/completions"
+    oha_post "$url" "$work/body.json" "$work/profile.json" -n 1000 -c "$conns"
+    callgrind_control -z "$vg_pid" >/dev/null 2>&1
+    oha_post "$url" "$work/body.json" "$work/profile.json" -n "$PROFILE_REQUESTS" -c "$conns"
+    read -r n e _ _ < <(oha_summary "$work/profile.json")
+    callgrind_control -d "$vg_pid" >/dev/null 2>&1
+    kill "$vg_pid"; wait "$vg_pid" 2>/dev/null || true
+    (( e == 0 )) || echo "  $e errors at c=$conns" >&2
+    # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw; the dump is the measured part alone.
+    awk -v n="$n" -v c="$conns" '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i - 1}
+      /^summary:/ {printf "%6d %14.0f %14.0f %14.0f\n", c, $(col["Ir"] + 1) / n,
+        ($(col["D1mr"] + 1) + $(col["D1mw"] + 1)) / n, ($(col["DLmr"] + 1) + $(col["DLmw"] + 1)) / n}' \
+      "$(ls -t "$work"/callgrind.out* | grep -v '\.out$' | head -1)"
+  done
 fi
