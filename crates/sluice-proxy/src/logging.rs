@@ -3,9 +3,9 @@
 //! per thread that a background thread writes to stderr every [`INTERVAL`] (or the thread
 //! itself, at once, past `HIGH_WATER`), so a busy gateway makes ten writes a second, not one
 //! per request. Each thread's lines keep their order; lines of different threads come out a
-//! thread's batch after another, so they may be out of order by up to an interval. [`flush`] empties it
-//! (Sluice calls it before exiting); what a crash leaves in the buffer, at most one interval's
-//! worth, is lost.
+//! thread's batch after another, so they may be out of order by up to an interval. [`flush`]
+//! empties the buffers (Sluice calls it before exiting); what a crash leaves in them, at most
+//! one interval's worth, is lost.
 //!
 //! Access-log lines (one per request) skip `env_logger`'s formatter: [`access_line`] writes the
 //! same `[timestamp LEVEL target] message` line straight into the batch, with the timestamp
@@ -28,7 +28,7 @@ const HIGH_WATER: usize = 64 * 1024;
 /// One thread's records not yet written. Only its thread appends, so its lock is uncontended
 /// but for the writer taking the records out once an interval. (One buffer shared by every
 /// worker cost a contended lock and a cache line passed between cores on every request: with
-/// two workers, 0.65 % of Sluice's CPU sat on that lock's release alone.)
+/// two workers the append was 0.65 % of Sluice's CPU, two thirds of it on the lock's release.)
 type Shard = Arc<Mutex<Buffers>>;
 
 /// A thread's records and the buffer they move to next: batches alternate between the two, so
