@@ -1236,8 +1236,9 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
         session.set_keepalive(None);
         return Err(Rejection::TooLarge(max));
     }
-    // A body usually arrives as one chunk (Pingora hands out its own copy of it): that chunk
-    // is the body, uncopied. Only a body in pieces is joined in a buffer of its own.
+    // A body usually arrives as one chunk (over HTTP/1 Pingora's own copy of it, over HTTP/2
+    // a slice of its data frame): that chunk is the body, uncopied. Only a body in pieces is
+    // joined in a buffer of its own.
     let mut first: Option<Bytes> = None;
     let mut joined = BytesMut::new();
     let mut len = 0;
