@@ -265,14 +265,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway for `config`, enforcing its limits through `limiter`.
-    pub fn new(config: Config, limiter: Arc<Limiter>) -> Self {
+    /// A gateway for `config`, enforcing its limits through `limiter`; `runtime_per_worker`
+    /// says whether each worker thread runs a runtime of its own (then each keeps its own idle
+    /// upstream connections: see `upstream::h1::Pool`).
+    pub fn new(config: Config, limiter: Arc<Limiter>, runtime_per_worker: bool) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.init(&config);
         limiter.set_observer(metrics.clone());
         let mut server_options = pingora_core::apps::HttpServerOptions::default();
         server_options.h2c = config.server.h2c;
-        let connections = Connections::default();
+        let connections = Connections::new(runtime_per_worker);
         Self {
             server_options,
             state: ArcSwap::from_pointee(State::new(config, &limiter, &connections)),

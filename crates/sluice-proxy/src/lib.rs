@@ -181,7 +181,11 @@ pub fn build_server_with(
     server.bootstrap();
     let limiter = limiter_for(&config, listen.threads);
     let tls = config.server.tls.clone();
-    let gateway = Arc::new(Gateway::new(config, limiter.clone()));
+    let gateway = Arc::new(Gateway::new(
+        config,
+        limiter.clone(),
+        lifecycle.runtime_per_worker,
+    ));
     gateway.set_config_path(lifecycle.config_path.clone());
     let mut service = Service::new("sluice".to_owned(), Front::new(&gateway));
     let endpoint = pingora_core::listeners::ListenerConfig::tcp(listen.addr.clone()).l4_buffer(

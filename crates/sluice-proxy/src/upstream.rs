@@ -42,24 +42,27 @@ pub struct Connections {
     connector: TransportConnector,
     /// Pools by (`https`?, host, port).
     pools: Mutex<HashMap<(bool, String, u16), Arc<h1::Pool>>>,
-}
-
-impl Default for Connections {
-    fn default() -> Self {
-        Self {
-            connector: TransportConnector::new(None),
-            pools: Mutex::new(HashMap::new()),
-        }
-    }
+    /// Shards of each pool: one per worker thread with one runtime per worker, else one.
+    shards: usize,
 }
 
 impl Connections {
+    /// Pools with a shard per worker thread when each worker runs a runtime of its own
+    /// (`per_worker`), else one shared shard.
+    pub fn new(per_worker: bool) -> Self {
+        Self {
+            connector: TransportConnector::new(None),
+            pools: Mutex::new(HashMap::new()),
+            shards: if per_worker { h1::POOL_SHARDS } else { 1 },
+        }
+    }
+
     /// The pool for `deployment`'s server, shared by every deployment on it.
     fn pool(&self, deployment: &Deployment) -> Arc<h1::Pool> {
         let b = &deployment.api_base;
         crate::lock(&self.pools)
             .entry((b.tls, b.host.clone(), b.port))
-            .or_insert_with(|| Arc::new(h1::Pool::new(POOL_KEEP, POOL_IDLE)))
+            .or_insert_with(|| Arc::new(h1::Pool::new(POOL_KEEP, POOL_IDLE, self.shards)))
             .clone()
     }
 

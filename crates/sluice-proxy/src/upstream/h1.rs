@@ -437,9 +437,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
 /// One shard's idle connections, each with when it was put back, oldest first.
 type Idle = Vec<(Conn, Instant)>;
 
-/// How many shards a [`Pool`] has: threads map onto them round robin, so up to this many
-/// workers each have one of their own (more share, which is correct, just less local).
-const POOL_SHARDS: usize = 64;
+/// How many shards a per-worker [`Pool`] has: threads map onto them round robin, so up to
+/// this many workers each have one of their own (more share, which is correct, just less local).
+pub const POOL_SHARDS: usize = 64;
 
 thread_local! {
     /// This thread's pool shard, assigned on its first use of any pool.
@@ -449,11 +449,12 @@ thread_local! {
     };
 }
 
-/// Idle connections to one upstream, most recently used on top, in a shard per worker thread.
+/// Idle connections to one upstream, most recently used on top, in a shard per worker thread
+/// (or in one shard: see [`Pool::new`]).
 ///
 /// Sluice runs one single-threaded runtime per worker (crate docs, "One runtime per worker"),
-/// and a socket reports readiness to the runtime that opened it. A connection taken by another worker
-/// would have every wake-up cross threads (an `eventfd` write per event), so each worker
+/// and a socket reports readiness to the runtime that opened it. A connection taken by another
+/// worker would have every wake-up cross threads (an `eventfd` write per event), so each worker
 /// takes back what it put: its own shard, no lock contention, no cross-thread wake-ups.
 pub struct Pool {
     shards: Box<[Mutex<Idle>]>,
@@ -462,11 +463,13 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool keeping at most `keep` idle connections per shard (per worker), each for at most
-    /// `idle_timeout`.
-    pub fn new(keep: usize, idle_timeout: Duration) -> Self {
+    /// A pool of `shards` shards ([`POOL_SHARDS`] for one per worker thread; 1 under a
+    /// work-stealing runtime, where a task has no thread of its own and a connection put back
+    /// on one thread would be missed by the next request, run on another), keeping at most
+    /// `keep` idle connections per shard, each for at most `idle_timeout`.
+    pub fn new(keep: usize, idle_timeout: Duration, shards: usize) -> Self {
         Self {
-            shards: (0..POOL_SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            shards: (0..shards.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             keep,
             idle_timeout,
         }
@@ -549,7 +552,7 @@ mod tests {
         let here = runtime();
         let client = here.block_on(tokio::net::TcpStream::connect(addr)).unwrap();
         let (_server_side, _) = listener.accept().unwrap(); // kept open: the connection is idle
-        let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60)));
+        let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60), POOL_SHARDS));
         pool.put(Conn::new(Box::new(
             pingora_core::protocols::l4::stream::Stream::from(client),
         )));
@@ -566,6 +569,42 @@ mod tests {
         let _in_here = here.enter();
         assert!(pool.take().is_some(), "the worker that put it back gets it");
         assert!(pool.take().is_none(), "and only once");
+    }
+
+    #[test]
+    fn with_one_shard_any_thread_takes_what_another_put() {
+        // A work-stealing runtime: the task that put the connection back may run its next
+        // request on another thread, which must find it.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = runtime
+            .block_on(tokio::net::TcpStream::connect(addr))
+            .unwrap();
+        let (_server_side, _) = listener.accept().unwrap(); // kept open: the connection is idle
+        let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60), 1));
+        {
+            let _in_runtime = runtime.enter();
+            pool.put(Conn::new(Box::new(
+                pingora_core::protocols::l4::stream::Stream::from(client),
+            )));
+        }
+        let elsewhere = std::thread::spawn({
+            let pool = pool.clone();
+            let handle = runtime.handle().clone();
+            move || {
+                let _in_runtime = handle.enter();
+                pool.take().is_some()
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(elsewhere, "another thread finds the idle connection");
+        assert!(pool.take().is_none(), "and takes it only once");
     }
 
     #[test]
