@@ -328,7 +328,7 @@ if [[ " $PHASES " == *" profile "* ]]; then
     port=$(free_port); rm -f "$work"/callgrind.out*
     RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} valgrind --tool=callgrind --cache-sim=yes \
       --D1=49152,12,64 --LL=1048576,16,64 --callgrind-out-file="$work/callgrind.out" \
-      target/release/sluice --config "$work/sluice.yaml" --port "$port" \
+      ${SLUICE_BIN:-target/release/sluice} --config "$work/sluice.yaml" --port "$port" \
       --upgrade-sock "$work/profile.sock" 2> "$work/profile.log" & vg_pid=$!
     for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" 2>/dev/null && break; sleep 0.1; done
     url="http://127.0.0.1:$port/v1/chat/completions"

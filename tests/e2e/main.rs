@@ -7,6 +7,7 @@
 mod bad_input;
 mod common;
 mod config_files;
+mod downstream;
 mod errors;
 mod fallbacks;
 mod faults;

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
-use pingora_core::protocols::http::{HttpTask, ServerSession};
+use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use sluice_config::{Config, KeyDigest, VirtualKey};
@@ -19,6 +19,7 @@ use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
 use crate::access::Access;
+use crate::downstream::{h1, Client};
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
@@ -383,7 +384,9 @@ impl Gateway {
     /// Handles one admin-listener request.
     pub(crate) async fn handle_admin(&self, session: &mut ServerSession) {
         let st = self.state.load_full();
-        Ctx { gw: self, st: &st }.handle_admin(session).await;
+        Ctx { gw: self, st: &st }
+            .handle_admin(&mut Client::Pingora(session))
+            .await;
     }
 }
 
@@ -394,7 +397,7 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn authenticate(&self, session: &ServerSession) -> Result<Caller<'_>, Rejection> {
+    fn authenticate(&self, session: &Client<'_>) -> Result<Caller<'_>, Rejection> {
         if self.st.config.master_key.is_none() && self.st.config.keys.is_empty() {
             return Ok(Caller::Admin);
         }
@@ -411,10 +414,10 @@ impl Ctx<'_> {
     }
 
     /// Handles one request; the response is written to `session` (errors included).
-    async fn handle(&self, session: &mut ServerSession) {
+    async fn handle(&self, session: &mut Client<'_>) {
         let started = Instant::now();
-        let method = session.req_header().method.clone();
-        let path = session.req_header().uri.path().to_owned();
+        let method = session.method().clone();
+        let path = session.path().to_owned();
         let mut route = Route::Other;
         let mut group = "none";
         let mut access = None;
@@ -439,9 +442,7 @@ impl Ctx<'_> {
             _ => match Endpoint::from_path(&path) {
                 Some(endpoint) if method == http::Method::POST => {
                     route = Route::Api(endpoint);
-                    let id = session
-                        .get_header("x-request-id")
-                        .map(|v| v.as_bytes().to_vec());
+                    let id = session.header("x-request-id").map(<[u8]>::to_vec);
                     let a = access.insert(Access::start(
                         started,
                         method.as_str(),
@@ -470,7 +471,7 @@ impl Ctx<'_> {
             let id = access.as_ref().map(|a| a.request_id.as_str());
             respond_error(session, &rejection, id).await;
         }
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let status = session.status().map_or(0, |s| s.as_u16());
         let took = started.elapsed();
         self.gw.metrics.request(route, group, status, took);
         if let Some(a) = access {
@@ -483,7 +484,7 @@ impl Ctx<'_> {
 
     /// `/health/liveness` (always 200) and `/health/readiness` (503 while draining or before
     /// the limiter has reached its ledger).
-    async fn health(&self, session: &mut ServerSession, path: &str) -> Result<(), Rejection> {
+    async fn health(&self, session: &mut Client<'_>, path: &str) -> Result<(), Rejection> {
         if path == "/health/liveness" {
             write_json(session, 200, br#"{"status":"ok"}"#).await;
             return Ok(());
@@ -503,7 +504,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    async fn write_metrics(&self, session: &mut ServerSession) {
+    async fn write_metrics(&self, session: &mut Client<'_>) {
         let body = self
             .gw
             .metrics
@@ -512,9 +513,9 @@ impl Ctx<'_> {
     }
 
     /// The admin listener's routes: `/metrics` and health only.
-    async fn handle_admin(&self, session: &mut ServerSession) {
-        let path = session.req_header().uri.path().to_owned();
-        let result = match (session.req_header().method.as_str(), path.as_str()) {
+    async fn handle_admin(&self, session: &mut Client<'_>) {
+        let path = session.path().to_owned();
+        let result = match (session.method().as_str(), path.as_str()) {
             ("GET", "/metrics") => {
                 self.write_metrics(session).await;
                 Ok(())
@@ -530,7 +531,7 @@ impl Ctx<'_> {
     }
 
     /// `POST /admin/reload`: the master key only.
-    async fn admin_reload(&self, session: &mut ServerSession) -> Result<(), Rejection> {
+    async fn admin_reload(&self, session: &mut Client<'_>) -> Result<(), Rejection> {
         if self.st.config.master_key.is_none() {
             return Err(Rejection::NotFound); // no master key, no admin API
         }
@@ -546,7 +547,7 @@ impl Ctx<'_> {
         }
     }
 
-    async fn models(&self, session: &mut ServerSession) -> Result<(), Rejection> {
+    async fn models(&self, session: &mut Client<'_>) -> Result<(), Rejection> {
         let caller = self.authenticate(session)?;
         let data: Vec<serde_json::Value> = self
             .st.config
@@ -563,7 +564,7 @@ impl Ctx<'_> {
     /// An OpenAI API call: the whole path of DESIGN.md §1.
     async fn api(
         &self,
-        session: &mut ServerSession,
+        session: &mut Client<'_>,
         endpoint: Endpoint,
         access: &mut Access,
     ) -> Result<(), Rejection> {
@@ -581,7 +582,7 @@ impl Ctx<'_> {
         )
         .await
         .map_err(|_| {
-            session.set_keepalive(None);
+            session.close_after();
             Rejection::RequestTimeout
         })??;
         let request = Request::parse(endpoint, body).map_err(Rejection::BadRequest)?;
@@ -594,7 +595,7 @@ impl Ctx<'_> {
         if !caller.allows(&group.name) {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
-        let header_bytes = |name: &str| session.get_header(name).map(|v| v.as_bytes().to_vec());
+        let header_bytes = |name: &str| session.header(name).map(<[u8]>::to_vec);
         let (accept, user_agent, openai_beta) = (
             header_bytes("accept"),
             header_bytes("user-agent"),
@@ -910,7 +911,7 @@ impl Ctx<'_> {
     /// own, and the body, in one go.
     async fn write_answer(
         &self,
-        session: &mut ServerSession,
+        session: &mut Client<'_>,
         id: &str,
         answer: &UpstreamAnswer,
         rate: RateHeaders,
@@ -920,11 +921,10 @@ impl Ctx<'_> {
             return;
         };
         let _ = resp.insert_header(header::CONTENT_LENGTH, answer.body.len());
-        let tasks = vec![
-            HttpTask::Header(Box::new(resp), false),
-            HttpTask::Body(Some(answer.body.clone()), true),
-        ];
-        if let Err(e) = session.response_duplex_vec(tasks).await {
+        if let Err(e) = session
+            .write_whole(Box::new(resp), answer.body.clone())
+            .await
+        {
             log::debug!("request {}: answer not delivered: {e}", access.request_id);
         }
     }
@@ -990,7 +990,7 @@ impl Ctx<'_> {
     /// Passes an upstream's (buffered) error answer on to the client.
     async fn write_upstream_error(
         &self,
-        session: &mut ServerSession,
+        session: &mut Client<'_>,
         id: &str,
         error: &UpstreamAnswer,
         request_id: &str,
@@ -1017,7 +1017,7 @@ impl Ctx<'_> {
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
     /// `usage` on the way to settle the reservation.
-    async fn relay(&self, session: &mut ServerSession, served: Served<'_>, access: &mut Access) {
+    async fn relay(&self, session: &mut Client<'_>, served: Served<'_>, access: &mut Access) {
         let Served {
             upstream,
             mut exchange,
@@ -1036,7 +1036,7 @@ impl Ctx<'_> {
         let Some(resp) = self.answer_header(up, !injected_usage, id, rate, access) else {
             return;
         };
-        if session.write_response_header(Box::new(resp)).await.is_err() {
+        if session.write_header(Box::new(resp)).await.is_err() {
             return; // unsent: dropping `admitted` releases it
         }
         admitted.mark_sent();
@@ -1058,9 +1058,9 @@ impl Ctx<'_> {
             let read = if sse {
                 tokio::select! {
                     r = exchange.read_chunk(idle) => r,
-                    _ = session.read_body_or_idle(true) => {
+                    () = session.hung_up() => {
                         self.abandoned(admitted.take(), sse_relay.as_ref(), prompt_tokens, access);
-                        session.set_keepalive(None);
+                        session.close_after();
                         upstream_time(access);
                         return; // dropping `exchange` closes the upstream connection
                     }
@@ -1096,11 +1096,11 @@ impl Ctx<'_> {
                             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
                         }
                     }
-                    if !out.is_empty() && session.write_response_body(out, false).await.is_err() {
+                    if !out.is_empty() && session.write_body(out, false).await.is_err() {
                         // The client went away: stop reading the upstream (dropping the
                         // session closes that connection, which cancels the generation).
                         self.abandoned(admitted.take(), sse_relay.as_ref(), prompt_tokens, access);
-                        session.set_keepalive(None);
+                        session.close_after();
                         upstream_time(access);
                         return;
                     }
@@ -1126,10 +1126,10 @@ impl Ctx<'_> {
                                 .to_json()
                             )
                         );
-                        let _ = session.write_response_body(Bytes::from(event), true).await;
+                        let _ = session.write_body(Bytes::from(event), true).await;
                     }
                     // A JSON body cannot be mended: cutting the connection is the honest signal.
-                    session.set_keepalive(None);
+                    session.close_after();
                     upstream_time(access);
                     return;
                 }
@@ -1142,7 +1142,7 @@ impl Ctx<'_> {
             self.gw.metrics.upstream(id, status, upstream_time(access));
             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }
-        let _ = session.write_response_body(tail, true).await;
+        let _ = session.write_body(tail, true).await;
         let _ = upstream.release(exchange);
     }
 }
@@ -1177,25 +1177,58 @@ impl Gateway {
             Ok(Ok(true)) => {}
             _ => return None,
         }
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        let st = self.state.load_full();
-        Ctx { gw: self, st: &st }.handle(&mut session).await;
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.answer(&mut Client::Pingora(&mut session), shutdown)
+            .await;
         let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
             Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
             _ => None,
         }
     }
+
+    /// One request on a connection Sluice's own HTTP/1.1 side serves (`downstream::h1`): reads
+    /// its head, answers it, and says what the connection does next.
+    pub(crate) async fn serve_h1(&self, conn: &mut h1::Conn, shutdown: &ShutdownWatch) -> Next {
+        let client_timeout = self.state.load().config.server.client_timeout;
+        match tokio::time::timeout(client_timeout, conn.read_head()).await {
+            Ok(Ok(h1::Head::Ready)) => {}
+            Ok(Ok(h1::Head::Declined)) => return Next::Pingora,
+            _ => return Next::Close,
+        }
+        self.answer(&mut Client::H1(conn), shutdown).await;
+        if conn.finish().await {
+            Next::Another
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Answers a request whose head was read.
+    async fn answer(&self, client: &mut Client<'_>, shutdown: &ShutdownWatch) {
+        if *shutdown.borrow() {
+            client.close_after();
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let st = self.state.load_full();
+        Ctx { gw: self, st: &st }.handle(client).await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a connection served by Sluice's HTTP/1.1 side does after [`Gateway::serve_h1`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Next {
+    /// Wait for another request.
+    Another,
+    /// Close.
+    Close,
+    /// Go on with Pingora's session, which takes the request just declined.
+    Pingora,
 }
 
 /// The client's key: `Authorization: Bearer <key>`, or Azure clients' `api-key: <key>`.
-fn bearer(session: &ServerSession) -> Option<&[u8]> {
-    if let Some(v) = session.get_header(header::AUTHORIZATION) {
-        let v = v.as_bytes();
+fn bearer<'a>(session: &'a Client<'_>) -> Option<&'a [u8]> {
+    if let Some(v) = session.header("authorization") {
         let scheme = v.get(..7)?;
         return scheme
             .eq_ignore_ascii_case(b"bearer ")
@@ -1203,23 +1236,19 @@ fn bearer(session: &ServerSession) -> Option<&[u8]> {
             .filter(|k| !k.is_empty());
     }
     session
-        .get_header("api-key")
-        .map(|v| v.as_bytes().trim_ascii())
+        .header("api-key")
+        .map(<[u8]>::trim_ascii)
         .filter(|k| !k.is_empty())
 }
 
 /// Whether the request's body may be taken for JSON: `Content-Type` is `application/json`
 /// (any parameters), a `+json` type, or absent (many SDK-less clients send none). Anything
 /// else (curl -d's form encoding, `text/plain`) is refused rather than guessed at.
-fn declares_json(session: &ServerSession) -> bool {
-    let Some(v) = session.get_header(header::CONTENT_TYPE) else {
+fn declares_json(session: &Client<'_>) -> bool {
+    let Some(v) = session.header("content-type") else {
         return true;
     };
-    let essence = v
-        .as_bytes()
-        .split(|b| *b == b';')
-        .next()
-        .unwrap_or_default();
+    let essence = v.split(|b| *b == b';').next().unwrap_or_default();
     let essence = essence.trim_ascii();
     essence.eq_ignore_ascii_case(b"application/json")
         || (essence.len() > 5
@@ -1228,14 +1257,14 @@ fn declares_json(session: &ServerSession) -> bool {
 }
 
 /// Reads the whole request body, refusing more than `max` bytes.
-async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rejection> {
+async fn read_body(session: &mut Client<'_>, max: usize) -> Result<Bytes, Rejection> {
     let declared = session
-        .get_header(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
+        .header("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {
         // The unread body makes the connection unusable for another request.
-        session.set_keepalive(None);
+        session.close_after();
         return Err(Rejection::TooLarge(max));
     }
     // A body usually arrives as one chunk (over HTTP/1 Pingora's own copy of it, over HTTP/2
@@ -1245,11 +1274,11 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
     let mut joined = BytesMut::new();
     let mut len = 0;
     loop {
-        match session.read_request_body().await {
+        match session.read_body().await {
             Ok(Some(chunk)) => {
                 len += chunk.len();
                 if len > max {
-                    session.set_keepalive(None);
+                    session.close_after();
                     return Err(Rejection::TooLarge(max));
                 }
                 match first.take() {
@@ -1266,7 +1295,7 @@ async fn read_body(session: &mut ServerSession, max: usize) -> Result<Bytes, Rej
             Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
             Err(e) => {
                 log::debug!("reading request body: {e}");
-                session.set_keepalive(None);
+                session.close_after();
                 return Err(Rejection::BadRequest(sluice_openai::ParseError::Json(
                     "the request body could not be read completely".to_owned(),
                 )));
@@ -1290,16 +1319,11 @@ fn tag_request_id(out: &mut impl SetHeaders, id: &str) {
     }
 }
 
-async fn write_json(session: &mut ServerSession, status: u16, body: &[u8]) {
+async fn write_json(session: &mut Client<'_>, status: u16, body: &[u8]) {
     write_body_with(session, status, body, |_| {}).await;
 }
 
-async fn write_with_type(
-    session: &mut ServerSession,
-    status: u16,
-    body: &[u8],
-    content_type: &str,
-) {
+async fn write_with_type(session: &mut Client<'_>, status: u16, body: &[u8], content_type: &str) {
     write_body_with(session, status, body, |resp| {
         let _ = resp.insert_header(header::CONTENT_TYPE, content_type);
     })
@@ -1307,7 +1331,7 @@ async fn write_with_type(
 }
 
 async fn write_body_with(
-    session: &mut ServerSession,
+    session: &mut Client<'_>,
     status: u16,
     body: &[u8],
     extra: impl FnOnce(&mut ResponseHeader),
@@ -1318,18 +1342,12 @@ async fn write_body_with(
     let _ = resp.insert_header(header::CONTENT_TYPE, "application/json");
     extra(&mut resp);
     let _ = resp.insert_header(header::CONTENT_LENGTH, body.len().to_string());
-    if session.write_response_header(Box::new(resp)).await.is_ok() {
-        let _ = session
-            .write_response_body(Bytes::copy_from_slice(body), true)
-            .await;
-    }
+    let _ = session
+        .write_whole(Box::new(resp), Bytes::copy_from_slice(body))
+        .await;
 }
 
-async fn respond_error(
-    session: &mut ServerSession,
-    rejection: &Rejection,
-    request_id: Option<&str>,
-) {
+async fn respond_error(session: &mut Client<'_>, rejection: &Rejection, request_id: Option<&str>) {
     let body = rejection.body().to_json();
     write_body_with(session, rejection.status(), &body, |resp| {
         if let Some(id) = request_id {

@@ -1,0 +1,652 @@
+//! Sluice's own HTTP/1.1 server side for the common request on a plain connection, and a way
+//! back to Pingora's session for every other.
+//!
+//! # Why
+//! On the load bench Pingora's downstream HTTP/1 session was the largest single part of a
+//! request's work that nginx does not do: about 20k of 78k instructions per request with four
+//! header fields and 30k with an OpenAI SDK's fifteen (each field is hashed into two header maps,
+//! one of them a case-preserving copy), plus a 4 KiB header buffer and a 4 KiB response-header
+//! buffer allocated per request. The gateway needs a handful of fields, looked up once each.
+//!
+//! # What is served here, and what is not
+//! A request is served here when its head parses with `httparse` (at most [`MAX_FIELDS`]
+//! fields, at most [`MAX_HEAD`] bytes), it is HTTP/1.1 with an origin-form target, carries at
+//! most one well-formed `Content-Length`, and none of `Transfer-Encoding`, `Expect`, `Upgrade`,
+//! nor a `Connection` option other than `close`/`keep-alive`. For anything else (HTTP/1.0,
+//! chunked bodies, `100-continue`, upgrades, odd or malformed heads) this side *declines*: the
+//! bytes it read are put back in front of the socket ([`Conn::into_parts`]) and the connection
+//! goes to Pingora's session, which serves it, and every later request on it, as before. So
+//! the fast path never rejects or reinterprets a request Pingora would have taken; the framing
+//! cases that decide request smuggling (`Transfer-Encoding` with `Content-Length`, duplicate
+//! lengths) are exactly the ones it hands over.
+//!
+//! Responses follow Pingora's rules, so a client sees the same thing on either path: no body for
+//! `HEAD`, 204 and 304; a `Content-Length` answer kept in one buffer and written when it ends;
+//! an answer without a length delimited by the close (and so the connection's last), written as
+//! it comes; `Date` and `Connection` set here; and a response sent before the request body was
+//! read to the end closes the connection (Pingora's `close_on_response_before_downstream_finish`).
+//! Pipelined requests are answered in order from the bytes already read.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, StatusCode};
+use pingora_http::ResponseHeader;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Most header fields a request served here may have; a request with more is declined.
+pub const MAX_FIELDS: usize = 64;
+/// Largest request head (request line and fields) served here; a longer one is declined.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Room made for each read: a chat request's head and a few KB of body in one `recv`.
+const READ_SIZE: usize = 8 * 1024;
+/// Largest read made for a body of declared length.
+const MAX_READ_SIZE: usize = 64 * 1024;
+/// A `Content-Length` answer is kept until it ends unless it grows past this; then it is
+/// written as it comes, like Pingora's 64 KiB-bounded write buffer.
+const MAX_BUFFERED_ANSWER: usize = 64 * 1024;
+/// HTTP/2's connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What [`Conn::read_head`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head {
+    /// A request to serve here.
+    Ready,
+    /// The client closed the connection (between requests, or inside a head).
+    Closed,
+    /// A request for Pingora's session: see the module docs.
+    Declined,
+}
+
+/// How the answer being written is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `HEAD`, 204, 304: body bytes are dropped.
+    None,
+    /// `Content-Length`.
+    Length,
+    /// Neither: the body ends with the connection.
+    Close,
+}
+
+/// Where a header field lies in the request head: offsets of its name and value.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+/// A plain client connection served by Sluice's HTTP/1.1 side, request after request.
+pub struct Conn {
+    io: TcpStream,
+    /// Bytes read and not yet consumed: a head being read, body bytes, pipelined requests.
+    buf: BytesMut,
+    /// The answer's bytes not yet written.
+    out: Vec<u8>,
+    /// The current request's head; `path` and `fields` index into it.
+    head: Bytes,
+    method: Method,
+    path: (u32, u32),
+    fields: Vec<Field>,
+    /// Request body bytes still to be read.
+    body_left: u64,
+    keepalive: bool,
+    /// Requests this connection may still carry (`keepalive_request_limit`); `None`: no limit.
+    reuses_left: Option<u32>,
+    /// The status and framing of the answer once its head was written.
+    answer: Option<(StatusCode, Framing)>,
+}
+
+impl Conn {
+    /// Wraps an accepted connection; `reuses` is the server's `keepalive_request_limit`.
+    pub fn new(io: TcpStream, reuses: Option<u32>) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            head: Bytes::new(),
+            method: Method::GET,
+            path: (0, 0),
+            fields: Vec::new(),
+            body_left: 0,
+            keepalive: true,
+            reuses_left: reuses,
+            answer: None,
+        }
+    }
+
+    /// Reads until it can tell whether the client speaks HTTP/2 with prior knowledge (h2c):
+    /// `true` once the 24-byte preface has arrived, `false` at the first byte that differs.
+    /// The bytes stay buffered, for [`Conn::read_head`] or (through [`Conn::into_parts`]) for
+    /// Pingora's HTTP/2 session.
+    ///
+    /// # Errors
+    /// A failed read, or the client closing before it said which protocol it speaks.
+    pub async fn sniff_h2(&mut self) -> io::Result<bool> {
+        loop {
+            let n = self.buf.len().min(H2_PREFACE.len());
+            if self.buf[..n] != H2_PREFACE[..n] {
+                return Ok(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Ok(true);
+            }
+            if self.fill(READ_SIZE).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Reads the next request's head. The caller bounds the wait (`client_timeout`).
+    ///
+    /// # Errors
+    /// A failed read.
+    pub async fn read_head(&mut self) -> io::Result<Head> {
+        self.answer = None;
+        self.body_left = 0;
+        loop {
+            if !self.buf.is_empty() {
+                match self.parse() {
+                    Some(true) => return Ok(Head::Ready),
+                    Some(false) => return Ok(Head::Declined),
+                    None if self.buf.len() >= MAX_HEAD => return Ok(Head::Declined),
+                    None => {}
+                }
+            }
+            if self.fill(READ_SIZE).await? == 0 {
+                return Ok(Head::Closed);
+            }
+        }
+    }
+
+    /// Parses the head at the front of the buffer: `None` while incomplete, `Some(false)` to
+    /// decline it, `Some(true)` when it was taken (split off the buffer).
+    fn parse(&mut self) -> Option<bool> {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut req = httparse::Request::new(&mut raw);
+        let len = match req.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some(false), // Pingora decides (it may be lenient, or answer 400)
+        };
+        let (Some(1), Some(path), Some(method)) = (req.version, req.path, req.method) else {
+            return Some(false);
+        };
+        if !path.starts_with('/') {
+            return Some(false);
+        }
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+            return Some(false);
+        };
+        let base = self.buf.as_ptr() as usize;
+        // Offsets within the head (< MAX_HEAD, so they fit a u32).
+        let span = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
+        let mut length = None;
+        let mut keepalive = true;
+        self.fields.clear();
+        for f in req.headers.iter() {
+            let (name, value) = (f.name.as_bytes(), f.value);
+            if name.eq_ignore_ascii_case(b"content-length") {
+                match (length, parse_length(value)) {
+                    (None, Some(n)) => length = Some(n),
+                    _ => return Some(false), // a second length, or a malformed one
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return Some(false);
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for option in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if option.eq_ignore_ascii_case(b"close") {
+                        keepalive = false;
+                    } else if !option.eq_ignore_ascii_case(b"keep-alive") && !option.is_empty() {
+                        return Some(false);
+                    }
+                }
+            }
+            self.fields.push(Field {
+                name: span(name),
+                value: span(value),
+            });
+        }
+        self.path = span(path.as_bytes());
+        self.method = method;
+        self.body_left = length.unwrap_or(0);
+        self.keepalive = keepalive && self.reuses_left != Some(0);
+        self.head = self.buf.split_to(len).freeze();
+        Some(true)
+    }
+
+    /// Reads more bytes into the buffer, making room for `want` when little is left (the
+    /// allocation is reclaimed in place once every slice handed out from it was dropped).
+    async fn fill(&mut self, want: usize) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < want / 4 {
+            self.buf.reserve(want);
+        }
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    fn slice(&self, (at, len): (u32, u32)) -> &[u8] {
+        self.head
+            .get(at as usize..(at + len) as usize)
+            .unwrap_or_default()
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request target's path (without the query).
+    pub fn path(&self) -> &str {
+        let target = self.slice(self.path);
+        let path = target.split(|b| *b == b'?').next().unwrap_or_default();
+        // httparse took the target as visible ASCII.
+        std::str::from_utf8(path).unwrap_or_default()
+    }
+
+    /// The value of the first field named `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| self.slice(f.value))
+    }
+
+    /// Closes the connection after this request's answer.
+    pub fn close_after(&mut self) {
+        self.keepalive = false;
+    }
+
+    /// The next piece of the request body, `None` at its end (as it arrives: a piece is a
+    /// slice of the read buffer, uncopied).
+    ///
+    /// # Errors
+    /// A failed read, or the client closing inside the body.
+    pub async fn read_body(&mut self) -> io::Result<Option<Bytes>> {
+        if self.body_left == 0 {
+            return Ok(None);
+        }
+        if self.buf.is_empty() {
+            let want =
+                usize::try_from(self.body_left).map_or(MAX_READ_SIZE, |n| n.min(MAX_READ_SIZE));
+            if self.fill(want).await? == 0 {
+                self.keepalive = false;
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let take =
+            usize::try_from(self.body_left).map_or(self.buf.len(), |n| n.min(self.buf.len()));
+        self.body_left -= take as u64;
+        Ok(Some(self.buf.split_to(take).freeze()))
+    }
+
+    /// Returns once the client has hung up (or its connection failed). Bytes that arrive
+    /// instead (a pipelined request) are kept for later, and then it waits for good.
+    pub async fn hung_up(&mut self) {
+        if self.buf.is_empty() {
+            match self.fill(READ_SIZE).await {
+                Ok(0) | Err(_) => {
+                    self.keepalive = false;
+                    return;
+                }
+                Ok(_) => {}
+            }
+        }
+        std::future::pending::<()>().await;
+    }
+
+    /// Writes the answer's head, as Pingora's session would (module docs). A second head is
+    /// ignored. Kept in the buffer until the body when a `Content-Length` body follows.
+    ///
+    /// # Errors
+    /// A failed write.
+    pub async fn write_header(&mut self, resp: &ResponseHeader) -> io::Result<()> {
+        if self.answer.is_some() {
+            return Ok(());
+        }
+        if self.body_left > 0 {
+            self.keepalive = false; // the rest of the body is not read
+        }
+        let status = resp.status;
+        let framing = if self.method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            Framing::None
+        } else if resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+            Framing::Length
+        } else {
+            self.keepalive = false;
+            Framing::Close
+        };
+        self.answer = Some((status, framing));
+        let out = &mut self.out;
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &resp.headers {
+            if name == http::header::DATE || name == http::header::CONNECTION {
+                continue;
+            }
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(pingora_core::protocols::http::date::get_cached_date().as_bytes());
+        out.extend_from_slice(if self.keepalive {
+            b"\r\nconnection: keep-alive\r\n\r\n".as_slice()
+        } else {
+            b"\r\nconnection: close\r\n\r\n".as_slice()
+        });
+        if framing == Framing::Length {
+            Ok(())
+        } else {
+            self.flush().await // no body, or one that must reach the client as it comes
+        }
+    }
+
+    /// Writes a piece of the answer's body; `end` says it is the last.
+    ///
+    /// # Errors
+    /// A failed write.
+    pub async fn write_body(&mut self, data: &[u8], end: bool) -> io::Result<()> {
+        let framing = self.answer.map_or(Framing::None, |(_, f)| f);
+        if framing == Framing::None {
+            return if end { self.flush().await } else { Ok(()) };
+        }
+        if self.out.len() + data.len() <= MAX_BUFFERED_ANSWER {
+            self.out.extend_from_slice(data);
+            if end || framing == Framing::Close {
+                self.flush().await?;
+            }
+            return Ok(());
+        }
+        self.flush().await?;
+        self.io.write_all(data).await
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.io.write_all(&self.out).await;
+        self.out.clear();
+        if self.out.capacity() > MAX_BUFFERED_ANSWER {
+            self.out = Vec::new(); // a large answer's buffer is not kept by an idle connection
+        }
+        result
+    }
+
+    /// The status of the answer written, if any.
+    pub fn status(&self) -> Option<StatusCode> {
+        self.answer.map(|(s, _)| s)
+    }
+
+    /// Ends the request: writes what is left of the answer and says whether the connection
+    /// can carry another.
+    pub async fn finish(&mut self) -> bool {
+        if self.flush().await.is_err() || !self.keepalive || self.answer.is_none() {
+            let _ = self.io.shutdown().await;
+            return false;
+        }
+        if let Some(n) = self.reuses_left.as_mut() {
+            *n = n.saturating_sub(1);
+        }
+        self.head = Bytes::new(); // let the read buffer reclaim its allocation
+        true
+    }
+
+    /// The socket and the bytes read from it but not consumed, to be put back in front of it
+    /// for Pingora's session.
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.io, self.buf)
+    }
+}
+
+/// A `Content-Length` value as RFC 9110 §8.6 has it: digits only.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A served connection and the client's end of it, on loopback.
+    async fn pair() -> (Conn, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Conn::new(server, None), client)
+    }
+
+    const CHAT: &[u8] = b"POST /v1/chat/completions?api-version=1 HTTP/1.1\r\nHost: x\r\n\
+        Authorization: Bearer k\r\nContent-Length: 2\r\nX-Request-Id: r1\r\n\r\n{}";
+
+    #[tokio::test]
+    async fn every_prefix_waits_and_the_whole_head_is_taken() {
+        let (mut conn, _client) = pair().await;
+        let head_len = CHAT.len() - 2;
+        for end in 1..head_len {
+            conn.buf = BytesMut::from(&CHAT[..end]);
+            assert_eq!(conn.parse(), None, "after {end} bytes");
+        }
+        conn.buf = BytesMut::from(CHAT);
+        assert_eq!(conn.parse(), Some(true));
+        assert_eq!(conn.method(), Method::POST);
+        assert_eq!(conn.path(), "/v1/chat/completions");
+        assert_eq!(conn.header("authorization"), Some(&b"Bearer k"[..]));
+        assert_eq!(conn.header("x-request-id"), Some(&b"r1"[..]));
+        assert_eq!(conn.header("accept"), None);
+        assert!(conn.keepalive);
+        assert_eq!(conn.read_body().await.unwrap().as_deref(), Some(&b"{}"[..]));
+        assert_eq!(conn.read_body().await.unwrap(), None);
+        assert!(conn.buf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn heads_whose_framing_is_not_plain_are_declined_untouched() {
+        let (mut conn, _client) = pair().await;
+        let declined: &[&[u8]] = &[
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 2,2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"GET / HTTP/1.1\r\nConnection: keep-alive, x-hop\r\n\r\n",
+            b"GET http://x/ HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        ];
+        for head in declined {
+            conn.buf = BytesMut::from(*head);
+            assert_eq!(
+                conn.parse(),
+                Some(false),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+            assert_eq!(
+                &conn.buf[..],
+                *head,
+                "a declined head is left as it was read"
+            );
+        }
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_FIELDS {
+            many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        conn.buf = BytesMut::from(&many[..]);
+        assert_eq!(conn.parse(), Some(false), "more than {MAX_FIELDS} fields");
+
+        // Taken: `Connection: close` (any case, in a list), and an empty body.
+        conn.buf = BytesMut::from(&b"GET /x HTTP/1.1\r\nconnection: Keep-Alive, CLOSE\r\n\r\n"[..]);
+        assert_eq!(conn.parse(), Some(true));
+        assert!(!conn.keepalive);
+        assert_eq!(conn.read_body().await.unwrap(), None);
+    }
+
+    /// Reads one answer (head and, with a `content-length`, its body) from the client's end.
+    async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>) -> String {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.parse::<usize>().unwrap());
+                let length = if head.contains("x-no-body") {
+                    0
+                } else {
+                    length
+                };
+                if buf.len() >= end + 4 + length {
+                    let whole = buf.drain(..end + 4 + length).collect::<Vec<_>>();
+                    return String::from_utf8(whole).unwrap();
+                }
+            }
+            let mut more = [0u8; 4096];
+            let n = client.read(&mut more).await.unwrap();
+            assert!(
+                n > 0,
+                "closed inside an answer: {}",
+                String::from_utf8_lossy(buf)
+            );
+            buf.extend_from_slice(&more[..n]);
+        }
+    }
+
+    fn response(status: u16, headers: &[(&'static str, &str)]) -> ResponseHeader {
+        let mut resp = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in headers {
+            resp.insert_header(*name, *value).unwrap();
+        }
+        resp
+    }
+
+    #[tokio::test]
+    async fn answers_are_framed_as_pingora_frames_them() {
+        let (mut conn, mut client) = pair().await;
+        let mut got = Vec::new();
+        // Three pipelined requests in one write: a POST, a HEAD, a GET that closes.
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcHEAD /b HTTP/1.1\r\n\r\n\
+                  GET /c HTTP/1.1\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+
+        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+        assert_eq!(conn.path(), "/a");
+        assert_eq!(
+            conn.read_body().await.unwrap().as_deref(),
+            Some(&b"abc"[..])
+        );
+        let resp = response(200, &[("content-length", "5"), ("date", "upstream's")]);
+        conn.write_header(&resp).await.unwrap();
+        conn.write_body(b"hel", false).await.unwrap();
+        conn.write_body(b"lo", true).await.unwrap();
+        assert!(conn.finish().await);
+        let first = answer(&mut client, &mut got).await;
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+        assert!(first.contains("\r\nconnection: keep-alive\r\n"), "{first}");
+        assert_eq!(first.matches("date: ").count(), 1, "{first}");
+        assert!(!first.contains("upstream's"), "{first}");
+        assert!(first.ends_with("\r\n\r\nhello"), "{first}");
+
+        // HEAD: the length is announced, the body is not sent, the connection goes on.
+        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+        assert_eq!(conn.method(), Method::HEAD);
+        let resp = response(200, &[("content-length", "5"), ("x-no-body", "1")]);
+        conn.write_header(&resp).await.unwrap();
+        conn.write_body(b"hello", true).await.unwrap();
+        assert!(conn.finish().await);
+        let second = answer(&mut client, &mut got).await;
+        assert!(second.contains("\r\ncontent-length: 5\r\n"), "{second}");
+        assert!(second.ends_with("\r\n\r\n"), "{second}");
+        // Had the body gone out, the next answer would start with it.
+
+        // No length: delimited by the close, sent as it comes; the client asked to close too.
+        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+        assert_eq!(conn.path(), "/c");
+        conn.write_header(&response(200, &[("content-type", "text/event-stream")]))
+            .await
+            .unwrap();
+        conn.write_body(b"data: 1\n\n", false).await.unwrap();
+        assert!(!conn.finish().await);
+        drop(conn);
+        client.read_to_end(&mut got).await.unwrap();
+        let third = String::from_utf8(got).unwrap();
+        assert!(third.starts_with("HTTP/1.1 200 OK\r\n"), "{third}");
+        assert!(third.contains("\r\nconnection: close\r\n"), "{third}");
+        assert!(third.ends_with("\r\n\r\ndata: 1\n\n"), "{third}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_closes_the_connection() {
+        let (mut conn, mut client) = pair().await;
+        client
+            .write_all(b"POST /a HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"partial\"")
+            .await
+            .unwrap();
+        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+        conn.write_header(&response(401, &[("content-length", "0")]))
+            .await
+            .unwrap();
+        conn.write_body(b"", true).await.unwrap();
+        assert!(
+            !conn.finish().await,
+            "the unread body makes the connection unusable"
+        );
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8(got).unwrap();
+        assert!(got.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{got}");
+        assert!(got.contains("\r\nconnection: close\r\n"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_told_apart_and_the_bytes_stay() {
+        for (sent, h2) in [
+            (H2_PREFACE, true),
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], false),
+            (&b"PRI * HTTP/1.1\r\n\r\n"[..], false),
+        ] {
+            let (mut conn, mut client) = pair().await;
+            client.write_all(sent).await.unwrap();
+            assert_eq!(conn.sniff_h2().await.unwrap(), h2);
+            let (_, read) = conn.into_parts();
+            assert!(
+                sent.starts_with(&read),
+                "bytes read are kept for who serves them"
+            );
+        }
+        let (mut conn, client) = pair().await;
+        drop(client);
+        assert!(
+            conn.sniff_h2().await.is_err(),
+            "closed before saying anything"
+        );
+    }
+}
