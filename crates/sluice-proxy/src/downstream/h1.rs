@@ -46,6 +46,8 @@ const MAX_READ_SIZE: usize = 64 * 1024;
 /// A `Content-Length` answer is kept until it ends unless it grows past this; then it is
 /// written as it comes, like Pingora's 64 KiB-bounded write buffer.
 const MAX_BUFFERED_ANSWER: usize = 64 * 1024;
+/// Room made for an answer when its head is written: the head and a typical JSON body.
+const ANSWER_BUFFER: usize = 2 * 1024;
 /// HTTP/2's connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -154,6 +156,15 @@ impl Conn {
                     None if self.buf.len() >= MAX_HEAD => return Ok(Head::Declined),
                     None => {}
                 }
+            }
+            if self.buf.is_empty() {
+                // Nothing buffered: wait for the client without holding a read buffer or an
+                // answer's buffer (a keep-alive connection can wait long, and a front door
+                // holds many). The next request's buffer comes from the allocator's free list
+                // for this thread, most likely the same, still warm, block.
+                self.buf = BytesMut::new();
+                self.out = Vec::new();
+                self.io.readable().await?;
             }
             if self.fill(READ_SIZE).await? == 0 {
                 return Ok(Head::Closed);
@@ -325,6 +336,8 @@ impl Conn {
         };
         self.answer = Some((status, framing));
         let out = &mut self.out;
+        // One allocation for a typical answer (head and a JSON body), not a doubling series.
+        out.reserve(ANSWER_BUFFER);
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');
