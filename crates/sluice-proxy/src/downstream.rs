@@ -10,9 +10,93 @@ pub(crate) mod h1;
 use std::io;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_http::ResponseHeader;
+
+/// The head of an answer relayed from an upstream: its status and fields but hop-by-hop ones
+/// (and `Content-Length` unless kept), then Sluice's own, which replace any upstream field of
+/// the same name. Sluice's HTTP/1.1 side writes it out as it is; for Pingora's session it
+/// becomes a `ResponseHeader`. (Building a header map per answer, only to serialize it, was
+/// ~7k instructions of a request's ~62k: hashing each name in, and dropping the map.)
+pub(crate) struct AnswerHead<'a> {
+    pub status: StatusCode,
+    pub upstream: &'a http::HeaderMap,
+    pub keep_length: bool,
+    pub own: Vec<(HeaderName, Own<'a>)>,
+}
+
+/// A field value of Sluice's own.
+pub(crate) enum Own<'a> {
+    Value(&'a HeaderValue),
+    Number(u64),
+    /// Checked by [`AnswerHead::text`] to be a valid field value.
+    Text(&'a str),
+}
+
+impl<'a> AnswerHead<'a> {
+    /// Response header fields never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and
+    /// framing, which the server side sets for the client connection.
+    pub const HOP_BY_HOP: &'static [HeaderName] = &[
+        http::header::CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::TE,
+        http::header::TRAILER,
+        http::header::UPGRADE,
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+    ];
+
+    /// `value` as a field value of Sluice's own, if it is a valid one (visible ASCII, spaces and
+    /// tabs).
+    pub fn text(value: &'a str) -> Option<Own<'a>> {
+        value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+            .then_some(Own::Text(value))
+    }
+
+    /// Whether the upstream's field `name` goes out.
+    pub fn passes(&self, name: &HeaderName) -> bool {
+        !Self::HOP_BY_HOP.contains(name)
+            && (self.keep_length || name != http::header::CONTENT_LENGTH)
+            && !self.own.iter().any(|(own, _)| own == name)
+    }
+
+    /// Whether the answer declares its length.
+    pub fn has_length(&self) -> bool {
+        let length = &http::header::CONTENT_LENGTH;
+        self.own.iter().any(|(name, _)| name == length)
+            || (self.keep_length && self.upstream.contains_key(length))
+    }
+
+    /// The head as Pingora's `ResponseHeader`.
+    pub fn to_response_header(&self) -> Box<ResponseHeader> {
+        // A plain header map handed to Pingora whole: inserting field by field into a
+        // `ResponseHeader` allocates a case-preserving copy of every name.
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = self.status;
+        let headers = &mut parts.headers;
+        headers.reserve(self.upstream.len() + self.own.len());
+        for (name, value) in self.upstream {
+            if self.passes(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        for (name, value) in &self.own {
+            let value = match value {
+                Own::Value(v) => (*v).clone(),
+                Own::Number(n) => HeaderValue::from(*n),
+                Own::Text(t) => match HeaderValue::from_str(t) {
+                    Ok(v) => v,
+                    Err(_) => continue, // not made by `text`
+                },
+            };
+            headers.insert(name.clone(), value);
+        }
+        Box::new(ResponseHeader::from(parts))
+    }
+}
 
 /// A request being served, on either side.
 pub(crate) enum Client<'a> {
@@ -109,6 +193,29 @@ impl Client<'_> {
                 c.write_header(&resp).await?;
                 c.write_body(&body, true).await
             }
+        }
+    }
+
+    /// Writes the head of an answer relayed from an upstream; with `body`, the whole answer.
+    pub async fn write_answer(
+        &mut self,
+        head: &AnswerHead<'_>,
+        body: Option<&Bytes>,
+    ) -> io::Result<()> {
+        match (self, body) {
+            (Self::H1(c), body) => {
+                c.write_answer_head(head).await?;
+                match body {
+                    Some(body) => c.write_body(body, true).await,
+                    None => Ok(()),
+                }
+            }
+            (client, Some(body)) => {
+                client
+                    .write_whole(head.to_response_header(), body.clone())
+                    .await
+            }
+            (client, None) => client.write_header(head.to_response_header()).await,
         }
     }
 

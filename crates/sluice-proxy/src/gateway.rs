@@ -19,24 +19,12 @@ use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
 use crate::access::Access;
-use crate::downstream::{h1, Client};
+use crate::downstream::{h1, AnswerHead, Client, Own};
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{ClientHeaders, Connections, Exchange, Failure, Upstream, UpstreamAnswer};
 use crate::Map;
-
-/// Response headers never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and framing,
-/// which Sluice's own server sets for the client connection.
-const HOP_BY_HOP: &[HeaderName] = &[
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
 
 /// Largest non-streamed response body Sluice buffers a copy of to read `usage`; a larger one
 /// is settled by its estimate.
@@ -917,50 +905,52 @@ impl Ctx<'_> {
         rate: RateHeaders,
         access: &Access,
     ) {
-        let Some(mut resp) = self.answer_header(&answer.header, false, id, rate, access) else {
+        let Some(mut head) = self.answer_head(&answer.header, false, id, rate, access) else {
             return;
         };
-        let _ = resp.insert_header(header::CONTENT_LENGTH, answer.body.len());
-        if let Err(e) = session
-            .write_whole(Box::new(resp), answer.body.clone())
-            .await
-        {
+        let length = answer.body.len() as u64;
+        head.own.push((header::CONTENT_LENGTH, Own::Number(length)));
+        if let Err(e) = session.write_answer(&head, Some(&answer.body)).await {
             log::debug!("request {}: answer not delivered: {e}", access.request_id);
         }
     }
 
-    /// The client's response header for an upstream's 2xx answer: the upstream's headers but
+    /// The client's response head for an upstream's 2xx answer: the upstream's fields but
     /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own.
-    fn answer_header(
-        &self,
-        up: &ResponseHeader,
+    fn answer_head<'a>(
+        &'a self,
+        up: &'a ResponseHeader,
         keep_length: bool,
-        id: &str,
+        id: &'a str,
         rate: RateHeaders,
-        access: &Access,
-    ) -> Option<ResponseHeader> {
-        // Built as a plain header map and handed to Pingora whole: inserting field by field
-        // into a `ResponseHeader` allocates a case-preserving copy of every name (about a
-        // quarter of a request's allocations). Names go out lowercase, as HTTP/2 has them.
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        parts.status = up.status;
-        let headers = &mut parts.headers;
-        headers.reserve(up.headers.len() + 7);
-        for (name, value) in &up.headers {
-            let length = *name == header::CONTENT_LENGTH;
-            if !HOP_BY_HOP.contains(name) && (keep_length || !length) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        access: &'a Access,
+    ) -> Option<AnswerHead<'a>> {
+        let mut own = Vec::with_capacity(8);
         if self.st.config.server.deployment_header {
-            headers.insert(
-                http::HeaderName::from_static("x-sluice-deployment"),
-                http::HeaderValue::from_str(id).ok()?,
-            );
+            own.push((
+                HeaderName::from_static("x-sluice-deployment"),
+                AnswerHead::text(id)?,
+            ));
         }
-        tag_request_id(headers, &access.request_id);
-        rate.apply(headers);
-        Some(ResponseHeader::from(parts))
+        let request_id = HeaderName::from_static("x-request-id");
+        if let Some(theirs) = up.headers.get(&request_id) {
+            own.push((
+                HeaderName::from_static("x-upstream-request-id"),
+                Own::Value(theirs),
+            ));
+        }
+        if let Some(ours) = AnswerHead::text(&access.request_id) {
+            own.push((request_id, ours));
+        }
+        for (name, n) in rate.fields().into_iter().flatten() {
+            own.push((name, Own::Number(n)));
+        }
+        Some(AnswerHead {
+            status: up.status,
+            upstream: &up.headers,
+            keep_length,
+            own,
+        })
     }
 
     /// Settles an answer the client hung up on. A stream is charged what it generated so far
@@ -997,7 +987,7 @@ impl Ctx<'_> {
     ) {
         let extra = |resp: &mut ResponseHeader| {
             for (name, value) in &error.header.headers {
-                if !HOP_BY_HOP.contains(name)
+                if !AnswerHead::HOP_BY_HOP.contains(name)
                     && name != header::CONTENT_LENGTH
                     && name != header::CONTENT_TYPE
                 {
@@ -1033,10 +1023,10 @@ impl Ctx<'_> {
         let ok = up.status.is_success();
         let sse = is_event_stream(up);
         // A stripped usage chunk changes the length: let the server re-frame it.
-        let Some(resp) = self.answer_header(up, !injected_usage, id, rate, access) else {
+        let Some(head) = self.answer_head(up, !injected_usage, id, rate, access) else {
             return;
         };
-        if session.write_header(Box::new(resp)).await.is_err() {
+        if session.write_answer(&head, None).await.is_err() {
             return; // unsent: dropping `admitted` releases it
         }
         admitted.mark_sent();

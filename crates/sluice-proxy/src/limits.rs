@@ -149,24 +149,27 @@ impl RateHeaders {
 
     /// Adds the headers to `out`.
     pub fn apply(&self, out: &mut impl SetHeaders) {
-        const NAMES: [[&str; 2]; 2] = [
-            ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens"],
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-            ],
-        ];
-        for (names, pair) in NAMES.iter().zip([self.tokens, self.requests]) {
-            if let Some((limit, remaining)) = pair {
-                out.set(HeaderName::from_static(names[0]), limit.into());
-                out.set(HeaderName::from_static(names[1]), remaining.into());
-            }
+        for (name, value) in self.fields().into_iter().flatten() {
+            out.set(name, value.into());
         }
+    }
+
+    /// The header fields, as names and numbers (those of a kind without a limit are `None`).
+    pub fn fields(&self) -> [Option<(HeaderName, u64)>; 4] {
+        let field = |pair: Option<(u64, u64)>, name: &'static str, limit: bool| {
+            pair.map(|(l, r)| (HeaderName::from_static(name), if limit { l } else { r }))
+        };
+        [
+            field(self.tokens, "x-ratelimit-limit-tokens", true),
+            field(self.tokens, "x-ratelimit-remaining-tokens", false),
+            field(self.requests, "x-ratelimit-limit-requests", true),
+            field(self.requests, "x-ratelimit-remaining-requests", false),
+        ]
     }
 }
 
-/// Where a response's header fields are set: Pingora's `ResponseHeader`, or a plain header map
-/// that is handed to Pingora whole (which spares the case-preserving copy of every name).
+/// Where a response's header fields are set (Pingora's `ResponseHeader`; an answer relayed from
+/// an upstream is a `downstream::AnswerHead` instead).
 pub trait SetHeaders {
     /// Sets `name` to `value`, replacing what it had.
     fn set(&mut self, name: HeaderName, value: HeaderValue);
@@ -180,14 +183,5 @@ impl SetHeaders for ResponseHeader {
     }
     fn take(&mut self, name: &HeaderName) -> Option<HeaderValue> {
         self.remove_header(name)
-    }
-}
-
-impl SetHeaders for http::HeaderMap {
-    fn set(&mut self, name: HeaderName, value: HeaderValue) {
-        self.insert(name, value);
-    }
-    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue> {
-        self.remove(name)
     }
 }

@@ -30,10 +30,12 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, StatusCode};
+use http::{HeaderName, Method, StatusCode};
 use pingora_http::ResponseHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::{AnswerHead, Own};
 
 /// Most header fields a request served here may have; a request with more is declined.
 pub const MAX_FIELDS: usize = 64;
@@ -316,19 +318,54 @@ impl Conn {
     /// # Errors
     /// A failed write.
     pub async fn write_header(&mut self, resp: &ResponseHeader) -> io::Result<()> {
-        if self.answer.is_some() {
+        let has_length = resp.headers.contains_key(http::header::CONTENT_LENGTH);
+        if !self.start_answer(resp.status, has_length) {
             return Ok(());
+        }
+        for (name, value) in &resp.headers {
+            self.field(name, value.as_bytes());
+        }
+        self.end_head().await
+    }
+
+    /// Writes the head of an answer relayed from an upstream, field by field from the
+    /// upstream's and Sluice's own: no header map is built for it.
+    ///
+    /// # Errors
+    /// A failed write.
+    pub async fn write_answer_head(&mut self, head: &AnswerHead<'_>) -> io::Result<()> {
+        if !self.start_answer(head.status, head.has_length()) {
+            return Ok(());
+        }
+        for (name, value) in head.upstream {
+            if head.passes(name) {
+                self.field(name, value.as_bytes());
+            }
+        }
+        for (name, value) in &head.own {
+            match value {
+                Own::Value(v) => self.field(name, v.as_bytes()),
+                Own::Number(n) => self.field(name, itoa::Buffer::new().format(*n).as_bytes()),
+                Own::Text(t) => self.field(name, t.as_bytes()),
+            }
+        }
+        self.end_head().await
+    }
+
+    /// Settles the answer's framing and starts its head; `false` if a head was written already.
+    fn start_answer(&mut self, status: StatusCode, has_length: bool) -> bool {
+        if self.answer.is_some() {
+            return false;
         }
         if self.body_left > 0 {
             self.keepalive = false; // the rest of the body is not read
         }
-        let status = resp.status;
         let framing = if self.method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
             Framing::None
-        } else if resp.headers.contains_key(http::header::CONTENT_LENGTH) {
+        } else if has_length {
             Framing::Length
         } else {
             self.keepalive = false;
@@ -343,15 +380,24 @@ impl Conn {
         out.push(b' ');
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
-        for (name, value) in &resp.headers {
-            if name == http::header::DATE || name == http::header::CONNECTION {
-                continue;
-            }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+        true
+    }
+
+    /// Adds a field to the head, but `Date` and `Connection`, which [`Conn::end_head`] sets.
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        if name == http::header::DATE || name == http::header::CONNECTION {
+            return;
         }
+        let out = &mut self.out;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Ends the head; sends it now unless a `Content-Length` body follows.
+    async fn end_head(&mut self) -> io::Result<()> {
+        let out = &mut self.out;
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(pingora_core::protocols::http::date::get_cached_date().as_bytes());
         out.extend_from_slice(if self.keepalive {
@@ -359,7 +405,7 @@ impl Conn {
         } else {
             b"\r\nconnection: close\r\n\r\n".as_slice()
         });
-        if framing == Framing::Length {
+        if matches!(self.answer, Some((_, Framing::Length))) {
             Ok(())
         } else {
             self.flush().await // no body, or one that must reach the client as it comes
@@ -614,6 +660,109 @@ mod tests {
         assert!(third.starts_with("HTTP/1.1 200 OK\r\n"), "{third}");
         assert!(third.contains("\r\nconnection: close\r\n"), "{third}");
         assert!(third.ends_with("\r\n\r\ndata: 1\n\n"), "{third}");
+    }
+
+    #[tokio::test]
+    async fn a_relayed_head_carries_the_same_fields_on_both_sides() {
+        let mut upstream = http::HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("content-length", "999"),
+            ("connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("x-request-id", "up-1"),
+            ("x-upstream-request-id", "older"),
+            ("x-ratelimit-remaining-tokens", "5"),
+            ("openai-processing-ms", "12"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ] {
+            upstream.append(
+                HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        let theirs = upstream["x-request-id"].clone();
+        let head = AnswerHead {
+            status: StatusCode::OK,
+            upstream: &upstream,
+            keep_length: false,
+            own: vec![
+                (
+                    HeaderName::from_static("x-upstream-request-id"),
+                    Own::Value(&theirs),
+                ),
+                (
+                    HeaderName::from_static("x-request-id"),
+                    AnswerHead::text("ours").unwrap(),
+                ),
+                (
+                    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                    Own::Number(7),
+                ),
+                (http::header::CONTENT_LENGTH, Own::Number(2)),
+            ],
+        };
+        assert!(AnswerHead::text("bad\r\nx: y").is_none());
+        let expected = [
+            "content-type: application/json",
+            "openai-processing-ms: 12",
+            "set-cookie: a=1",
+            "set-cookie: b=2",
+            "x-upstream-request-id: up-1",
+            "x-request-id: ours",
+            "x-ratelimit-remaining-tokens: 7",
+            "content-length: 2",
+        ];
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let expected = sorted(expected.iter().map(ToString::to_string).collect());
+
+        // Pingora's side: the `ResponseHeader` (Pingora's session replaces `date` and sets
+        // `connection` when it writes it).
+        let resp = head.to_response_header();
+        let pingora = resp
+            .headers
+            .iter()
+            .filter(|(n, _)| *n != http::header::DATE)
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(sorted(pingora), expected);
+
+        // Sluice's side: the bytes on the wire.
+        let (mut conn, mut client) = pair().await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+        conn.write_answer_head(&head).await.unwrap();
+        conn.write_body(b"{}", true).await.unwrap();
+        let mut got = Vec::new();
+        let wire = answer(&mut client, &mut got).await;
+        let (head_text, body) = wire.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, "{}");
+        let mut lines = head_text.lines();
+        assert_eq!(lines.next(), Some("HTTP/1.1 200 OK"));
+        let fields: Vec<String> = lines.map(ToString::to_string).collect();
+        assert_eq!(
+            fields.iter().filter(|f| f.starts_with("date: ")).count(),
+            1,
+            "{fields:?}"
+        );
+        assert!(
+            !fields.iter().any(|f| f.contains("Mon, 01 Jan 2024")),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"connection: keep-alive".to_owned()),
+            "{fields:?}"
+        );
+        let relayed = fields
+            .into_iter()
+            .filter(|f| !f.starts_with("date: ") && !f.starts_with("connection: "))
+            .collect();
+        assert_eq!(sorted(relayed), expected);
     }
 
     #[tokio::test]
