@@ -72,17 +72,32 @@ fn sink() -> &'static Sink {
 
 /// Writes whatever is buffered to stderr now.
 pub fn flush() {
-    let mut err = std::io::stderr().lock();
-    drain(&mut err);
-    let _ = err.flush();
+    with_output(drain);
 }
 
-/// Moves every thread's records to `out`: each thread's in the order it wrote them, thread
-/// after thread (so lines of different threads may be out of order by up to an interval).
-/// Shards of threads that have ended are dropped once emptied.
-fn drain(out: &mut impl Write) {
+/// Runs `write` with the output: the sink's order lock taken, then stderr's (in tests, a
+/// buffer the test reads). Every write to the output goes through here, so the two locks are
+/// always taken in this order. (`flush` once took stderr's lock first and then the order lock,
+/// while a thread past `HIGH_WATER` took them the other way round: under load the log thread
+/// and the workers deadlocked, and the whole proxy stopped.)
+fn with_output(write: impl FnOnce(&mut dyn Write)) {
+    let _order = lock(&sink().out);
+    #[cfg(not(test))]
+    {
+        let mut err = std::io::stderr().lock();
+        write(&mut err);
+        let _ = err.flush();
+    }
+    #[cfg(test)]
+    write(&mut *lock(&tests::OUTPUT));
+}
+
+/// Moves every thread's records to `out` (the caller holds the order lock: [`with_output`]):
+/// each thread's in the order it wrote them, thread after thread (so lines of different threads
+/// may be out of order by up to an interval). Shards of threads that have ended are dropped
+/// once emptied.
+fn drain(out: &mut dyn Write) {
     let sink = sink();
-    let _order = lock(&sink.out);
     let shards = lock(&sink.shards).clone();
     for shard in &shards {
         take_and_write(shard, out);
@@ -92,9 +107,9 @@ fn drain(out: &mut impl Write) {
     lock(&sink.shards).retain(|s| Arc::strong_count(s) > 1 || !lock(s).lines.is_empty());
 }
 
-/// Writes a shard's records to `out` (the caller holds `out`'s order lock); the thread goes on
-/// in the spare buffer meanwhile, and the written one becomes the spare.
-fn take_and_write(shard: &Shard, out: &mut impl Write) {
+/// Writes a shard's records to `out` (the caller holds the order lock); the thread goes on in
+/// the spare buffer meanwhile, and the written one becomes the spare.
+fn take_and_write(shard: &Shard, out: &mut dyn Write) {
     let mut batch = {
         let mut b = lock(shard);
         if b.lines.is_empty() {
@@ -131,16 +146,14 @@ fn append(data: &[u8]) {
             b.lines.len() >= HIGH_WATER
         };
         if full {
-            let _order = lock(&sink().out);
-            let mut err = std::io::stderr().lock();
-            take_and_write(shard, &mut err);
-            let _ = err.flush();
+            with_output(|out| take_and_write(shard, out));
         }
     });
     if appended.is_err() {
         // A thread's last words, logged while its thread-locals are torn down: straight out.
-        let _order = lock(&sink().out);
-        let _ = std::io::stderr().lock().write_all(data);
+        with_output(|out| {
+            let _ = out.write_all(data);
+        });
     }
 }
 
@@ -239,8 +252,82 @@ pub fn init(default_filter: &str) {
 mod tests {
     use super::*;
 
+    /// What the log would have written to stderr.
+    pub(super) static OUTPUT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    /// Runs the tests of this module one at a time (they share the sink and [`OUTPUT`]).
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// Everything written so far, taken out.
+    fn written() -> String {
+        String::from_utf8(std::mem::take(&mut *lock(&OUTPUT))).unwrap()
+    }
+
+    #[test]
+    fn threads_past_the_high_water_mark_and_the_flusher_never_block_each_other() {
+        let _serial = lock(&SERIAL);
+        flush();
+        written();
+        // Four threads write 16 batches' worth each (so each writes its own batch, past
+        // HIGH_WATER, again and again) while a fifth flushes as fast as it can: with the two
+        // locks taken in opposite orders, this deadlocked.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flusher = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    flush();
+                }
+            })
+        };
+        let line = |t: usize, i: usize| format!("t{t} {i:06} {}\n", "x".repeat(1000));
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..16 * HIGH_WATER / 1000 {
+                        append(line(t, i).as_bytes());
+                    }
+                })
+            })
+            .collect();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for w in writers {
+                w.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            flusher.join().unwrap();
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "writers and flusher deadlocked"
+        );
+        flush();
+        let text = written();
+        for t in 0..4 {
+            let prefix = format!("t{t} ");
+            let mine: Vec<&str> = text.lines().filter(|l| l.starts_with(&prefix)).collect();
+            assert_eq!(
+                mine.len(),
+                16 * HIGH_WATER / 1000,
+                "thread {t}: every line out"
+            );
+            for (i, l) in mine.iter().enumerate() {
+                assert_eq!(
+                    format!("{l}\n"),
+                    line(t, i),
+                    "thread {t}: line {i} whole, in order"
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_threads_lines_come_out_whole_in_their_order_and_ended_threads_are_let_go() {
+        let _serial = lock(&SERIAL);
+        flush();
+        written();
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 std::thread::spawn(move || {
