@@ -717,7 +717,7 @@ impl Ctx<'_> {
                 let failure = match whole {
                     Ok(answer) => match sluice_openai::json_answer(&answer.body) {
                         Some(usage) => {
-                            access.tried(&deployment.id, format!("http_{status}"));
+                            access.tried(&deployment.id, crate::access::http_outcome(status));
                             self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
                             self.st.router.record_success(&deployment.id, took);
                             self.gw.metrics.ttft(&deployment.id, took);
@@ -739,7 +739,7 @@ impl Ctx<'_> {
                 outcome.failure = Some(failure);
                 continue; // the estimate stays charged
             }
-            access.tried(&deployment.id, format!("http_{status}"));
+            access.tried(&deployment.id, crate::access::http_outcome(status));
             if (200..300).contains(&status) {
                 self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
                 self.st
