@@ -353,6 +353,9 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Option<Bytes
     Ok(((write > 0).then(|| front.freeze()), end))
 }
 
+/// A field name or value the `http` crate refuses.
+const INVALID: H1Error = H1Error::Malformed("invalid header field");
+
 /// Parses a response head at the front of `buf` (consuming it), skipping interim 1xx answers.
 /// `None` while it is incomplete.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, bool)>, H1Error> {
@@ -376,10 +379,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = http::StatusCode::from_u16(status)
             .map_err(|_| H1Error::Malformed("invalid status code"))?;
-        parts.headers.reserve(response.headers.len());
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut close = response.version != Some(1);
+        // Where each field's name and value lie in the head, so that the values can become
+        // slices of the head's bytes rather than copies (an allocation each). httparse hands
+        // out sub-slices of `buf`, so the offsets are exact.
+        let base = buf.as_ptr() as usize;
+        let at = |part: &[u8]| {
+            let start = part.as_ptr() as usize - base;
+            start..start + part.len()
+        };
+        let mut spans = Vec::with_capacity(response.headers.len());
         for field in response.headers.iter() {
             let name = field.name;
             if name.eq_ignore_ascii_case("content-length") {
@@ -406,14 +417,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
                     .split(|b| *b == b',')
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
             }
-            const INVALID: H1Error = H1Error::Malformed("invalid header field");
+            spans.push((at(name.as_bytes()), at(field.value)));
+        }
+        let head = buf.split_to(used).freeze();
+        parts.headers.reserve(spans.len());
+        for (name, value) in spans {
             parts.headers.append(
-                http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| INVALID)?,
-                http::HeaderValue::from_bytes(field.value).map_err(|_| INVALID)?,
+                http::HeaderName::from_bytes(&head[name]).map_err(|_| INVALID)?,
+                http::HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| INVALID)?,
             );
         }
         let header = ResponseHeader::from(parts);
-        buf.advance(used);
         let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
             Framing::Empty
         } else {
