@@ -32,7 +32,34 @@ impl Usage {
 #[derive(Deserialize)]
 struct WithUsage {
     usage: Option<Usage>,
-    choices: Option<Vec<IgnoredAny>>,
+    choices: Option<Elements>,
+}
+
+/// A JSON array read only for how many elements it has (each is checked and skipped; nothing
+/// is allocated, unlike a `Vec<IgnoredAny>`).
+struct Elements(usize);
+
+impl<'de> Deserialize<'de> for Elements {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = Elements;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Elements, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Elements(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
 }
 
 /// The `usage` of a whole JSON response body, if it has one.
@@ -143,7 +170,7 @@ impl SseRelay {
             return false;
         };
         self.usage = Some(usage);
-        parsed.choices.is_none_or(|c| c.is_empty())
+        parsed.choices.is_none_or(|c| c.0 == 0)
     }
 }
 
