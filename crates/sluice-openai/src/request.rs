@@ -1,5 +1,6 @@
 //! Parsing a client's request body once, and shaping it per deployment.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
@@ -121,8 +122,34 @@ impl ParseError {
 /// A top-level field: its key and where its value's bytes are in the body.
 #[derive(Debug, Clone)]
 struct Field {
-    key: String,
+    key: Key,
     value: Range<usize>,
+}
+
+/// A top-level key. Nearly every key is written without escapes, so it is kept as where it
+/// lies in the body (no allocation, and copied out verbatim when the body is shaped); a key
+/// with escapes is kept decoded.
+#[derive(Debug, Clone)]
+enum Key {
+    /// The key's text between its quotes, in the body; no escapes in it.
+    Plain(Range<usize>),
+    /// The key's text, decoded from a key with escapes.
+    Decoded(String),
+}
+
+impl Field {
+    /// The key's text (`body` is the request's).
+    fn key<'a>(&'a self, body: &'a [u8]) -> &'a str {
+        match &self.key {
+            // The body is UTF-8 (checked by `parse`) and the range lies between two quotes,
+            // so this cannot fail; an empty key would be the harmless fallback.
+            Key::Plain(at) => body
+                .get(at.clone())
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or_default(),
+            Key::Decoded(key) => key,
+        }
+    }
 }
 
 /// A parsed request: the body as received, its top-level fields, and what admission needs.
@@ -197,7 +224,7 @@ impl Request {
         let mut client_wants_usage = false;
         for (key, value) in raw {
             let json = value.get();
-            match key.as_str() {
+            match &*key {
                 "model" => {
                     let m: String =
                         serde_json::from_str(json).map_err(|_| ParseError::Invalid {
@@ -230,11 +257,18 @@ impl Request {
                 }
                 _ => {}
             }
-            // `json` is a sub-slice of `text` (RawValue borrows), so its offset is exact.
-            let start = json.as_ptr() as usize - base;
+            // `json` and a borrowed key are sub-slices of `text` (RawValue and a key without
+            // escapes borrow), so their offsets are exact.
+            let at = |part: &str| {
+                let start = part.as_ptr() as usize - base;
+                start..start + part.len()
+            };
             fields.push(Field {
-                key,
-                value: start..start + json.len(),
+                key: match key {
+                    Cow::Borrowed(k) => Key::Plain(at(k)),
+                    Cow::Owned(k) => Key::Decoded(k),
+                },
+                value: at(json),
             });
         }
         let model = model.ok_or(ParseError::Missing("model"))?;
@@ -285,7 +319,7 @@ impl Request {
 
     /// The top-level keys, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.fields.iter().map(|f| f.key.as_str())
+        self.fields.iter().map(|f| f.key(&self.body))
     }
 
     /// Whether the client asked for a final usage chunk in its stream.
@@ -312,25 +346,35 @@ impl Request {
         let mut wrote_options = false;
         let mut dropped = Vec::new();
         for f in &self.fields {
-            if f.key == "model" {
+            let key = f.key(&self.body);
+            if key == "model" {
                 continue;
             }
-            match policy.verdict(self.endpoint, &f.key) {
+            match policy.verdict(self.endpoint, key) {
                 Verdict::Keep => {}
                 Verdict::Drop(reason) => {
                     dropped.push(Dropped {
-                        label: crate::filter::field_label(&f.key),
+                        label: crate::filter::field_label(key),
                         reason,
                     });
                     continue;
                 }
-                Verdict::Reject => return Err(ParseError::UnknownField(f.key.clone())),
+                Verdict::Reject => return Err(ParseError::UnknownField(key.to_owned())),
             }
             out.push(b',');
-            write_json_string(&mut out, &f.key);
+            match &f.key {
+                // Valid JSON as it came: no escapes, and `parse` checked it has no control
+                // characters.
+                Key::Plain(_) => {
+                    out.push(b'"');
+                    out.extend_from_slice(key.as_bytes());
+                    out.push(b'"');
+                }
+                Key::Decoded(_) => write_json_string(&mut out, key),
+            }
             out.push(b':');
             let raw = &self.body[f.value.clone()];
-            if inject && f.key == "stream_options" {
+            if inject && key == "stream_options" {
                 write_with_usage(&mut out, raw);
                 wrote_options = true;
             } else {
@@ -467,9 +511,32 @@ fn check_prompt(endpoint: Endpoint, json: &str) -> Result<usize, ParseError> {
 }
 
 /// Splits a JSON object into its top-level `(key, raw value)` pairs, rejecting duplicates.
-fn top_level_fields(text: &str) -> Result<Vec<(String, &RawValue)>, ParseError> {
-    struct Fields<'a>(Vec<(String, &'a RawValue)>);
+fn top_level_fields(text: &str) -> Result<Vec<(Cow<'_, str>, &RawValue)>, ParseError> {
+    struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
     struct FieldsVisitor;
+
+    /// A key borrowed from the text when it has no escapes (serde's own `Cow<str>` always
+    /// copies).
+    struct KeyText<'a>(Cow<'a, str>);
+
+    impl<'de> serde::Deserialize<'de> for KeyText<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = KeyText<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<KeyText<'de>, E> {
+                    Ok(KeyText(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<KeyText<'de>, E> {
+                    Ok(KeyText(Cow::Owned(v.to_owned())))
+                }
+            }
+            d.deserialize_str(KeyVisitor)
+        }
+    }
 
     impl<'de> Visitor<'de> for FieldsVisitor {
         type Value = Fields<'de>;
@@ -479,10 +546,10 @@ fn top_level_fields(text: &str) -> Result<Vec<(String, &RawValue)>, ParseError> 
         }
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut out: Vec<(String, &'de RawValue)> = Vec::new();
-            while let Some(key) = map.next_key::<String>()? {
+            let mut out: Vec<(Cow<'de, str>, &'de RawValue)> = Vec::with_capacity(16);
+            while let Some(KeyText(key)) = map.next_key()? {
                 if out.iter().any(|(k, _)| *k == key) {
-                    return Err(serde::de::Error::custom(DuplicateKey(key)));
+                    return Err(serde::de::Error::custom(DuplicateKey(key.into_owned())));
                 }
                 let value: &'de RawValue = map.next_value()?;
                 out.push((key, value));
@@ -594,6 +661,26 @@ mod tests {
                 reason: crate::DropReason::Unknown
             }]
         );
+    }
+
+    #[test]
+    fn keys_with_escapes_are_read_and_written_decoded() {
+        let r = parse(r#"{"model":"m","max_tok\u0065ns":5,"messages":[],"top_p":1}"#).unwrap();
+        assert_eq!(r.max_tokens(), Some(5));
+        assert_eq!(
+            r.keys().collect::<Vec<_>>(),
+            ["model", "max_tokens", "messages", "top_p"]
+        );
+        let out = r.shape("u", &open_policy()).unwrap().body;
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"u","max_tokens":5,"messages":[],"top_p":1}"#
+        );
+        // Written either way, it is the same key.
+        assert!(matches!(
+            parse(r#"{"model":"m","messages":[],"mod\u0065l":"n"}"#),
+            Err(ParseError::DuplicateKey(k)) if k == "model"
+        ));
     }
 
     #[test]
