@@ -145,10 +145,15 @@ impl Access {
         out.push(b'}');
     }
 
-    /// Writes the line in `format`.
-    pub fn finish(mut self, status: u16, format: AccessLog) {
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Writes the line in `format`; `took` is the request's time from `started` to its end.
+    pub fn finish(mut self, status: u16, took: std::time::Duration, format: AccessLog) {
         self.status = status;
-        self.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        self.duration_ms = took.as_secs_f64() * 1000.0;
         match format {
             AccessLog::Off => {}
             AccessLog::Json => crate::logging::access_line(|out| self.write_json(out)),

@@ -466,7 +466,7 @@ impl Ctx<'_> {
             self.gw
                 .metrics
                 .overhead(took.saturating_sub(a.upstream_time));
-            a.finish(status, self.st.config.server.access_log);
+            a.finish(status, took, self.st.config.server.access_log);
         }
     }
 
@@ -564,8 +564,10 @@ impl Ctx<'_> {
         if !declares_json(session) {
             return Err(Rejection::UnsupportedMediaType);
         }
-        let body = tokio::time::timeout(
-            self.st.config.server.client_timeout,
+        // The body's time counts from the request's start (a clock read saved; what comes
+        // before the body is read takes microseconds).
+        let body = tokio::time::timeout_at(
+            access.started() + self.st.config.server.client_timeout,
             read_body(session, self.st.config.server.max_body_bytes),
         )
         .await

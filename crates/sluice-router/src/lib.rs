@@ -270,6 +270,7 @@ impl Router {
             queue: VecDeque::new(),
             seen: Vec::new(),
             attempts: 0,
+            asked: false,
             deadline: Instant::now() + self.timeout,
             skipped: Vec::new(),
             prompt_tokens,
@@ -351,6 +352,8 @@ pub struct Chain<'r> {
     queue: VecDeque<Candidate<'r>>,
     seen: Vec<&'r str>,
     attempts: u32,
+    /// Whether `next` has been called (the first call skips the deadline check).
+    asked: bool,
     deadline: Instant,
     /// Deployments passed over without being tried, in order.
     pub skipped: Vec<(&'r str, Skip)>,
@@ -460,9 +463,14 @@ impl<'r> Iterator for Chain<'r> {
     /// used up, or its deadline has passed. Deployments in cooldown are skipped (and recorded
     /// in [`Self::skipped`]).
     fn next(&mut self) -> Option<Candidate<'r>> {
-        if self.attempts >= self.router.max_attempts || Instant::now() >= self.deadline {
+        // The first call needs no clock read: the deadline was set a moment ago, when the
+        // chain was made, and the timeout is positive (the config refuses zero).
+        if self.attempts >= self.router.max_attempts
+            || (self.asked && Instant::now() >= self.deadline)
+        {
             return None;
         }
+        self.asked = true;
         while let Some(c) = self.queue.pop_front() {
             if self.router.cooldown(&c.deployment.id).is_some() {
                 self.skipped.push((&c.deployment.id, Skip::Cooldown));
