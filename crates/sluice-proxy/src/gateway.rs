@@ -757,7 +757,10 @@ impl Ctx<'_> {
                     sent_at,
                     prompt_tokens: request.prompt_tokens_estimate(),
                 };
-                self.relay(session, served, access).await;
+                // Boxed, like the error answers below: a stream lives for seconds and this is one
+                // allocation for it, while inline its 2.5 KB state would size every request's
+                // future (and so every connection's task) for it.
+                Box::pin(self.relay(session, served, access)).await;
                 return Ok(());
             }
             // An error answer: read it (it is small) to decide whether the next candidate
@@ -792,8 +795,13 @@ impl Ctx<'_> {
                 UpstreamError::Client => {
                     // The request itself is wrong: no other deployment will take it either.
                     admitted.settle(0);
-                    self.write_upstream_error(session, &deployment.id, &error, &access.request_id)
-                        .await;
+                    Box::pin(self.write_upstream_error(
+                        session,
+                        &deployment.id,
+                        &error,
+                        &access.request_id,
+                    ))
+                    .await;
                     return Ok(());
                 }
             }
@@ -805,8 +813,7 @@ impl Ctx<'_> {
                 answer: Some((id, error)),
                 ..
             } => {
-                self.write_upstream_error(session, &id, &error, &access.request_id)
-                    .await;
+                Box::pin(self.write_upstream_error(session, &id, &error, &access.request_id)).await;
                 Ok(())
             }
             ChainOutcome {

@@ -409,8 +409,9 @@ impl Front {
             }
         }
         let (tcp, read) = conn.into_parts();
-        self.serve_pingora_h1(plain_stream(tcp, &read), shutdown)
-            .await
+        // Boxed: the hand-over is rare, and inline its 7.5 KB state would size the task of
+        // every plain connection (8.0 KB against 5.7 KB for the common path).
+        Box::pin(self.serve_pingora_h1(plain_stream(tcp, &read), shutdown)).await
     }
 
     /// HTTP/1 on a plain connection through Pingora's session: Pingora's loop for an
