@@ -19,6 +19,8 @@
 #           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
 #           requests, errors, p99, Sluice's RSS.
+#   idle    (PHASES=idle) IDLE_CONNS=2000 keep-alive connections, one request each, left open:
+#           Sluice's RSS before and after, and per connection.
 #   profile (PHASES=profile) a second Sluice, same config, under callgrind with its cache
 #           simulator (D1 48 KiB, last level 1 MiB: this machine's L1d and L2 per core):
 #           PROFILE_REQUESTS=5000 requests at 8 and at 256 connections after a warm-up, and
@@ -316,6 +318,42 @@ if [[ " $PHASES " == *" soak "* ]]; then
   echo "soak: RSS peak $(awk '/VmHWM/ {print $2" "$3}' "/proc/$sluice_pid/status")"
   sleep 15
   echo "soak: RSS after 15 s idle: $(( $(rss_kb) / 1024 )) MB"
+fi
+
+if [[ " $PHASES " == *" idle "* ]]; then
+  # Each connection sends one request, reads its answer and stays open: what a keep-alive
+  # connection costs Sluice while it waits for its next request.
+  IDLE_CONNS=${IDLE_CONNS:-2000}
+  echo
+  sleep 1
+  before=$(rss_kb)
+  python3 - "$SLUICE" "$IDLE_CONNS" "$work/body.json" > "$work/idle.out" <<'PY' &
+import socket, sys, time
+port, n, body = int(sys.argv[1]), int(sys.argv[2]), open(sys.argv[3], "rb").read()
+head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer sk-bench\r\nContent-Length: %d\r\n\r\n" % len(body)).encode()
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+for s in socks:
+    s.sendall(head + body)
+answered = 0
+for s in socks:
+    s.settimeout(30)
+    data = b""
+    while b"\r\n\r\n" not in data or b'"usage"' not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    answered += data.startswith(b"HTTP/1.1 200")
+print(answered, flush=True)
+time.sleep(5)  # held open while the shell reads Sluice's RSS
+PY
+  idle_pid=$!
+  for _ in $(seq 600); do [ -s "$work/idle.out" ] && break; sleep 0.1; done
+  sleep 2 # answers written, buffers released
+  after=$(rss_kb)
+  wait "$idle_pid" || true
+  echo "idle: $IDLE_CONNS keep-alive connections, $(cat "$work/idle.out") answered 200, RSS $((before / 1024)) -> $((after / 1024)) MB, $(awk -v a="$after" -v b="$before" -v n="$IDLE_CONNS" 'BEGIN{printf "%.1f", (a - b) / n}') kB per connection"
 fi
 
 if [[ " $PHASES " == *" profile "* ]]; then
