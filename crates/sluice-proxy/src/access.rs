@@ -36,8 +36,27 @@ pub struct Access {
 pub struct Tried {
     /// Deployment id.
     pub deployment: String,
-    /// `ok`, `http_<status>`, `connect_error`, `timeout`, `broken`.
-    pub outcome: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// How an attempt went: an upstream's HTTP status (written `http_<status>`), or a failure
+/// without one (`connect_error`, `timeout`, `broken`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Http(u16),
+    /// No answer; the failure's label.
+    Failed(&'static str),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Http(status) => write!(f, "http_{status}"),
+            Self::Failed(label) => f.write_str(label),
+        }
+    }
 }
 
 /// One candidate passed over.
@@ -75,10 +94,10 @@ impl Access {
     }
 
     /// Notes an attempt.
-    pub fn tried(&mut self, deployment: &str, outcome: impl Into<String>) {
+    pub fn tried(&mut self, deployment: &str, outcome: Outcome) {
         self.tried.push(Tried {
             deployment: deployment.to_owned(),
-            outcome: outcome.into(),
+            outcome,
         });
     }
 
@@ -115,8 +134,16 @@ impl Access {
                 out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
                 out.extend_from_slice(b"\"deployment\":");
                 json_str(out, &t.deployment);
-                out.extend_from_slice(b",\"outcome\":");
-                json_str(out, &t.outcome);
+                out.extend_from_slice(b",\"outcome\":\"");
+                // Labels are fixed identifiers and `http_` a number: nothing to escape.
+                match t.outcome {
+                    Outcome::Http(status) => {
+                        out.extend_from_slice(b"http_");
+                        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+                    }
+                    Outcome::Failed(label) => out.extend_from_slice(label.as_bytes()),
+                }
+                out.push(b'"');
                 out.push(b'}');
             }
             out.push(b']');
@@ -205,14 +232,6 @@ fn generated_id() -> String {
         .collect()
 }
 
-/// An attempt's outcome for an upstream's HTTP status: `http_<status>`.
-pub fn http_outcome(status: u16) -> String {
-    let mut out = String::with_capacity(8);
-    out.push_str("http_");
-    out.push_str(itoa::Buffer::new().format(status));
-    out
-}
-
 /// `s` as a JSON string: copied between quotes when nothing in it needs escaping, else
 /// escaped by `serde_json`.
 fn json_str(out: &mut Vec<u8>, s: &str) {
@@ -249,14 +268,13 @@ mod tests {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         let other = Access::start(Instant::now(), "GET", "/", None).request_id;
         assert_ne!(generated, other, "random ids");
-        assert_eq!(http_outcome(503), "http_503");
         assert!(v["duration_ms"].is_f64());
 
         a.path = "/odd\"path\\with\u{1}é\n".to_owned();
         a.key = Some("team".to_owned());
         a.group = Some("m".to_owned());
-        a.tried("m.0", "http_503");
-        a.tried("m.1", "ok");
+        a.tried("m.0", Outcome::Http(503));
+        a.tried("m.1", Outcome::Failed("timeout"));
         a.skipped("m.2", "budget");
         a.status = 200;
         a.tokens = Some(374);
@@ -275,7 +293,7 @@ mod tests {
             v["tried"],
             serde_json::json!([
                 {"deployment": "m.0", "outcome": "http_503"},
-                {"deployment": "m.1", "outcome": "ok"},
+                {"deployment": "m.1", "outcome": "timeout"},
             ])
         );
         assert_eq!(

@@ -19,6 +19,7 @@ use sluice_router::{Budget, Reason, Router, Skip};
 use tokio::time::Instant;
 
 use crate::access::Access;
+use crate::access::Outcome;
 use crate::downstream::{h1, AnswerHead, Client, Own};
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
@@ -585,19 +586,6 @@ impl Ctx<'_> {
         if !caller.allows(&group.name) {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
-        let header_bytes = |name: &str| session.header(name).map(<[u8]>::to_vec);
-        let (accept, user_agent, openai_beta) = (
-            header_bytes("accept"),
-            header_bytes("user-agent"),
-            header_bytes("openai-beta"),
-        );
-        let request_id = access.request_id.clone();
-        let client_headers = ClientHeaders {
-            accept: accept.as_deref(),
-            user_agent: user_agent.as_deref(),
-            openai_beta: openai_beta.as_deref(),
-            request_id: Some(request_id.as_bytes()),
-        };
         let tokens = request.prompt_tokens_estimate()
             + match endpoint {
                 Endpoint::Embeddings => 0,
@@ -688,7 +676,14 @@ impl Ctx<'_> {
                     &self.gw.connections,
                     endpoint,
                     &shaped.body,
-                    client_headers,
+                    // Borrowed for the send only (the session and the access record are
+                    // written to after it): no copies of the fields.
+                    ClientHeaders {
+                        accept: session.header("accept"),
+                        user_agent: session.header("user-agent"),
+                        openai_beta: session.header("openai-beta"),
+                        request_id: Some(access.request_id.as_bytes()),
+                    },
                     deadline,
                 )
                 .await;
@@ -696,7 +691,7 @@ impl Ctx<'_> {
                 Ok(x) => x,
                 Err(failure) => {
                     log::warn!("deployment {}: {failure}", deployment.id);
-                    access.tried(&deployment.id, failure.label());
+                    access.tried(&deployment.id, Outcome::Failed(failure.label()));
                     self.st.router.record_failure(&deployment.id, None);
                     let took = sent_at.elapsed();
                     self.gw.metrics.upstream(&deployment.id, 0, took);
@@ -719,7 +714,7 @@ impl Ctx<'_> {
                 let failure = match whole {
                     Ok(answer) => match sluice_openai::json_answer(&answer.body) {
                         Some(usage) => {
-                            access.tried(&deployment.id, crate::access::http_outcome(status));
+                            access.tried(&deployment.id, Outcome::Http(status));
                             self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
                             self.st.router.record_success(&deployment.id, took);
                             self.gw.metrics.ttft(&deployment.id, took);
@@ -735,13 +730,13 @@ impl Ctx<'_> {
                     Err(failure) => failure,
                 };
                 log::warn!("deployment {}: {failure}", deployment.id);
-                access.tried(&deployment.id, failure.label());
+                access.tried(&deployment.id, Outcome::Failed(failure.label()));
                 self.st.router.record_failure(&deployment.id, None);
                 self.gw.metrics.upstream(&deployment.id, 0, took);
                 outcome.failure = Some(failure);
                 continue; // the estimate stays charged
             }
-            access.tried(&deployment.id, crate::access::http_outcome(status));
+            access.tried(&deployment.id, Outcome::Http(status));
             if (200..300).contains(&status) {
                 self.note_skips(&chain.skipped, &mut ChainOutcome::default(), access);
                 self.st
