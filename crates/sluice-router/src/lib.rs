@@ -379,25 +379,23 @@ impl<'r> Chain<'r> {
         }
         self.seen.push(&group.name);
         let mut too_long = false;
-        let mut picked = Vec::new();
+        let mut picked = 0;
         for d in self.router.order(group, budget, rng) {
             if d.max_input_tokens.is_some_and(|m| self.prompt_tokens > m) {
                 self.skipped.push((&d.id, Skip::ContextWindow));
                 too_long = true;
                 continue;
             }
-            picked.push(Candidate {
+            self.queue.push_back(Candidate {
                 deployment: d,
                 group: &group.name,
                 reason,
             });
+            picked += 1;
         }
         if front {
-            for c in picked.into_iter().rev() {
-                self.queue.push_front(c);
-            }
-        } else {
-            self.queue.extend(picked);
+            // The group's candidates, in their order, ahead of everything queued before.
+            self.queue.rotate_right(picked);
         }
         too_long
     }
