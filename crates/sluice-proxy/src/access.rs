@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 /// The record of one request, filled in along its path and written when it ends.
 #[derive(Debug)]
-pub struct Access {
+pub struct Access<'a> {
     started: Instant,
     /// Time spent with upstreams (for the overhead metric).
     pub upstream_time: std::time::Duration,
@@ -18,13 +18,13 @@ pub struct Access {
     method: String,
     path: String,
     /// The key's alias (`master` for the master key).
-    pub key: Option<String>,
+    pub key: Option<&'a str>,
     /// The model group asked for.
-    pub group: Option<String>,
+    pub group: Option<&'a str>,
     /// Deployments tried, in order, with what happened.
-    pub tried: Vec<Tried>,
+    pub tried: Vec<Tried<'a>>,
     /// Deployments passed over without a call, with why.
-    pub skipped: Vec<Skipped>,
+    pub skipped: Vec<Skipped<'a>>,
     status: u16,
     /// Tokens settled (the response's `usage`), when known.
     pub tokens: Option<u64>,
@@ -33,9 +33,9 @@ pub struct Access {
 
 /// One attempt.
 #[derive(Debug)]
-pub struct Tried {
+pub struct Tried<'a> {
     /// Deployment id.
-    pub deployment: String,
+    pub deployment: &'a str,
     /// What happened.
     pub outcome: Outcome,
 }
@@ -61,14 +61,14 @@ impl std::fmt::Display for Outcome {
 
 /// One candidate passed over.
 #[derive(Debug)]
-pub struct Skipped {
+pub struct Skipped<'a> {
     /// Deployment id.
-    pub deployment: String,
+    pub deployment: &'a str,
     /// `budget`, `cooldown` or `context_window`.
     pub reason: &'static str,
 }
 
-impl Access {
+impl<'a> Access<'a> {
     /// Starts a record for a request that arrived at `started`.
     pub fn start(started: Instant, method: &str, path: &str, request_id: Option<&[u8]>) -> Self {
         let request_id = request_id
@@ -94,19 +94,16 @@ impl Access {
     }
 
     /// Notes an attempt.
-    pub fn tried(&mut self, deployment: &str, outcome: Outcome) {
+    pub fn tried(&mut self, deployment: &'a str, outcome: Outcome) {
         self.tried.push(Tried {
-            deployment: deployment.to_owned(),
+            deployment,
             outcome,
         });
     }
 
     /// Notes a candidate passed over.
-    pub fn skipped(&mut self, deployment: &str, reason: &'static str) {
-        self.skipped.push(Skipped {
-            deployment: deployment.to_owned(),
-            reason,
-        });
+    pub fn skipped(&mut self, deployment: &'a str, reason: &'static str) {
+        self.skipped.push(Skipped { deployment, reason });
     }
 
     /// The JSON line: fields in declaration order, absent ones (no key, nothing tried, …) left
@@ -133,7 +130,7 @@ impl Access {
             for (i, t) in self.tried.iter().enumerate() {
                 out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
                 out.extend_from_slice(b"\"deployment\":");
-                json_str(out, &t.deployment);
+                json_str(out, t.deployment);
                 out.extend_from_slice(b",\"outcome\":\"");
                 // Labels are fixed identifiers and `http_` a number: nothing to escape.
                 match t.outcome {
@@ -153,7 +150,7 @@ impl Access {
             for (i, s) in self.skipped.iter().enumerate() {
                 out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
                 out.extend_from_slice(b"\"deployment\":");
-                json_str(out, &s.deployment);
+                json_str(out, s.deployment);
                 out.extend_from_slice(b",\"reason\":");
                 json_str(out, s.reason);
                 out.push(b'}');
@@ -208,10 +205,10 @@ impl Access {
                     target: crate::logging::ACCESS_TARGET,
                     "request_id={} key={} {} {} group={} status={} tokens={} duration_ms={:.1} tried={tried} skipped={skipped}",
                     self.request_id,
-                    self.key.as_deref().unwrap_or("-"),
+                    self.key.unwrap_or("-"),
                     self.method,
                     self.path,
-                    self.group.as_deref().unwrap_or("-"),
+                    self.group.unwrap_or("-"),
                     self.status,
                     self.tokens.map_or_else(|| "-".to_owned(), |t| t.to_string()),
                     self.duration_ms,
@@ -271,8 +268,8 @@ mod tests {
         assert!(v["duration_ms"].is_f64());
 
         a.path = "/odd\"path\\with\u{1}é\n".to_owned();
-        a.key = Some("team".to_owned());
-        a.group = Some("m".to_owned());
+        a.key = Some("team");
+        a.group = Some("m");
         a.tried("m.0", Outcome::Http(503));
         a.tried("m.1", Outcome::Failed("timeout"));
         a.skipped("m.2", "budget");

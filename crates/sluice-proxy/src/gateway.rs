@@ -385,8 +385,8 @@ struct Ctx<'a> {
     st: &'a State,
 }
 
-impl Ctx<'_> {
-    fn authenticate(&self, session: &Client<'_>) -> Result<Caller<'_>, Rejection> {
+impl<'a> Ctx<'a> {
+    fn authenticate(&self, session: &Client<'_>) -> Result<Caller<'a>, Rejection> {
         if self.st.config.master_key.is_none() && self.st.config.keys.is_empty() {
             return Ok(Caller::Admin);
         }
@@ -442,7 +442,6 @@ impl Ctx<'_> {
                     // Only names from the config become label values.
                     group = a
                         .group
-                        .as_deref()
                         .and_then(|g| self.st.config.group(g))
                         .map_or("unknown", |g| g.name.as_str());
                     result
@@ -555,12 +554,12 @@ impl Ctx<'_> {
         &self,
         session: &mut Client<'_>,
         endpoint: Endpoint,
-        access: &mut Access,
+        access: &mut Access<'a>,
     ) -> Result<(), Rejection> {
         let caller = self.authenticate(session)?;
         access.key = match caller {
-            Caller::Admin => Some("master".to_owned()),
-            Caller::Key(k, _) => Some(k.alias.clone()),
+            Caller::Admin => Some("master"),
+            Caller::Key(k, _) => Some(&k.alias),
         };
         if !declares_json(session) {
             return Err(Rejection::UnsupportedMediaType);
@@ -582,7 +581,7 @@ impl Ctx<'_> {
             .config
             .group(request.model())
             .ok_or_else(|| Rejection::UnknownModel(request.model().to_owned()))?;
-        access.group = Some(group.name.clone());
+        access.group = Some(&group.name);
         if !caller.allows(&group.name) {
             return Err(Rejection::ModelNotAllowed(group.name.clone()));
         }
@@ -851,9 +850,9 @@ impl Ctx<'_> {
     /// Counts the candidates a chain passed over, and notes the cooldowns among them.
     fn note_skips(
         &self,
-        skipped: &[(&str, Skip)],
+        skipped: &[(&'a str, Skip)],
         outcome: &mut ChainOutcome,
-        access: &mut Access,
+        access: &mut Access<'a>,
     ) {
         for (id, skip) in skipped {
             access.skipped(
@@ -882,7 +881,7 @@ impl Ctx<'_> {
         usage: Option<sluice_openai::Usage>,
         ok: bool,
         id: &str,
-        access: &mut Access,
+        access: &mut Access<'a>,
     ) {
         if let Some(u) = usage {
             self.gw
@@ -907,7 +906,7 @@ impl Ctx<'_> {
         id: &str,
         answer: &UpstreamAnswer,
         rate: RateHeaders,
-        access: &Access,
+        access: &Access<'a>,
     ) {
         let Some(mut head) = self.answer_head(&answer.header, false, id, rate, access) else {
             return;
@@ -921,14 +920,14 @@ impl Ctx<'_> {
 
     /// The client's response head for an upstream's 2xx answer: the upstream's fields but
     /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own.
-    fn answer_head<'a>(
-        &'a self,
-        up: &'a ResponseHeader,
+    fn answer_head<'h>(
+        &'h self,
+        up: &'h ResponseHeader,
         keep_length: bool,
-        id: &'a str,
+        id: &'h str,
         rate: RateHeaders,
-        access: &'a Access,
-    ) -> Option<AnswerHead<'a>> {
+        access: &'h Access<'a>,
+    ) -> Option<AnswerHead<'h>> {
         let mut own = Vec::with_capacity(8);
         if self.st.config.server.deployment_header {
             own.push((
@@ -965,7 +964,7 @@ impl Ctx<'_> {
         admitted: Option<Admitted<'_>>,
         sse: Option<&SseRelay>,
         prompt_tokens: u64,
-        access: &mut Access,
+        access: &mut Access<'a>,
     ) {
         log::debug!(
             "request {}: the client hung up mid-answer",
@@ -1011,7 +1010,7 @@ impl Ctx<'_> {
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
     /// `usage` on the way to settle the reservation.
-    async fn relay(&self, session: &mut Client<'_>, served: Served<'_>, access: &mut Access) {
+    async fn relay(&self, session: &mut Client<'_>, served: Served<'_>, access: &mut Access<'a>) {
         let Served {
             upstream,
             mut exchange,
@@ -1039,7 +1038,7 @@ impl Ctx<'_> {
         let mut json_copy = (!sse && ok).then(BytesMut::new);
         let mut first = true;
         // Whatever way the relay ends, the time with the upstream is accounted for.
-        let upstream_time = |access: &mut Access| {
+        let upstream_time = |access: &mut Access<'a>| {
             let took = sent_at.elapsed();
             access.upstream_time += took;
             took
