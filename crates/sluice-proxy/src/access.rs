@@ -125,38 +125,26 @@ impl<'a> Access<'a> {
             out.extend_from_slice(b",\"group\":");
             json_str(out, group);
         }
-        if !self.tried.is_empty() {
-            out.extend_from_slice(b",\"tried\":[");
-            for (i, t) in self.tried.iter().enumerate() {
-                out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
-                out.extend_from_slice(b"\"deployment\":");
-                json_str(out, t.deployment);
-                out.extend_from_slice(b",\"outcome\":\"");
-                // Labels are fixed identifiers and `http_` a number: nothing to escape.
-                match t.outcome {
-                    Outcome::Http(status) => {
-                        out.extend_from_slice(b"http_");
-                        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
-                    }
-                    Outcome::Failed(label) => out.extend_from_slice(label.as_bytes()),
+        json_objects(out, b"tried", &self.tried, |out, t| {
+            out.extend_from_slice(b"\"deployment\":");
+            json_str(out, t.deployment);
+            out.extend_from_slice(b",\"outcome\":\"");
+            // Labels are fixed identifiers and `http_` a number: nothing to escape.
+            match t.outcome {
+                Outcome::Http(status) => {
+                    out.extend_from_slice(b"http_");
+                    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
                 }
-                out.push(b'"');
-                out.push(b'}');
+                Outcome::Failed(label) => out.extend_from_slice(label.as_bytes()),
             }
-            out.push(b']');
-        }
-        if !self.skipped.is_empty() {
-            out.extend_from_slice(b",\"skipped\":[");
-            for (i, s) in self.skipped.iter().enumerate() {
-                out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
-                out.extend_from_slice(b"\"deployment\":");
-                json_str(out, s.deployment);
-                out.extend_from_slice(b",\"reason\":");
-                json_str(out, s.reason);
-                out.push(b'}');
-            }
-            out.push(b']');
-        }
+            out.push(b'"');
+        });
+        json_objects(out, b"skipped", &self.skipped, |out, s| {
+            out.extend_from_slice(b"\"deployment\":");
+            json_str(out, s.deployment);
+            out.extend_from_slice(b",\"reason\":");
+            json_str(out, s.reason);
+        });
         out.extend_from_slice(b",\"status\":");
         out.extend_from_slice(itoa::Buffer::new().format(self.status).as_bytes());
         if let Some(tokens) = self.tokens {
@@ -227,6 +215,23 @@ fn generated_id() -> String {
         .rev()
         .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
         .collect()
+}
+
+/// `,"name":[{…},…]` for a non-empty list, each object's fields written by `fields`; nothing
+/// for an empty one.
+fn json_objects<T>(out: &mut Vec<u8>, name: &[u8], items: &[T], fields: impl Fn(&mut Vec<u8>, &T)) {
+    if items.is_empty() {
+        return;
+    }
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name);
+    out.extend_from_slice(b"\":[");
+    for (i, item) in items.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"{" } else { b",{" });
+        fields(out, item);
+        out.push(b'}');
+    }
+    out.push(b']');
 }
 
 /// `s` as a JSON string: copied between quotes when nothing in it needs escaping, else
