@@ -30,9 +30,11 @@
 # CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
 # and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
 # in the throughput runs.
-# Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server) and, for
-# fixed/stream/soak, oha (cargo install oha --locked). SLUICE_WRAP prefixes Sluice's command
-# (e.g. SLUICE_WRAP="valgrind --tool=massif" to profile its heap).
+# Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server), for
+# fixed/stream/soak oha (cargo install oha --locked), and for the PGO build an llvm-profdata
+# (apt-get install -y llvm-19; PGO=0 measures the plain release build instead).
+# SLUICE_WRAP prefixes Sluice's command (e.g. SLUICE_WRAP="valgrind --tool=massif" to profile
+# its heap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +56,19 @@ if [[ "$PHASES" =~ fixed|stream|soak ]] && ! command -v oha >/dev/null; then
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --locked -p sluice-proxy --bin sluice -p sluice-testkit --bin sluice-mock >&2
+# The Sluice measured: SLUICE_BIN when given, else the PGO build (scripts/pgo-build.sh, the
+# release build; it needs an llvm-profdata) or, with PGO=0, the plain `cargo build --release`.
+cargo build --release --locked -p sluice-testkit --bin sluice-mock >&2
+if [ -z "${SLUICE_BIN:-}" ]; then
+  if [ "${PGO:-1}" = 1 ]; then
+    bash scripts/pgo-build.sh
+    SLUICE_BIN=target/pgo/sluice
+  else
+    cargo build --release --locked -p sluice-proxy --bin sluice >&2
+    SLUICE_BIN=target/release/sluice
+  fi
+fi
+echo "load bench: Sluice is $SLUICE_BIN" >&2
 work=$(mktemp -d /tmp/sluice-load.XXXXXX)
 pids=()
 cleanup() {
@@ -138,7 +152,7 @@ server:
   host: 127.0.0.1
   threads: $THREADS
 EOF
-RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} ${SLUICE_WRAP:-} ${SLUICE_BIN:-target/release/sluice} --config "$work/sluice.yaml" --port "$SLUICE" \
+RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} ${SLUICE_WRAP:-} "$SLUICE_BIN" --config "$work/sluice.yaml" --port "$SLUICE" \
   --upgrade-sock "$work/upgrade.sock" 2> "$work/access.log" & sluice_pid=$!; pids+=($sluice_pid)
 
 # A ~1.5 KB chat request, with one field the allow-list drops.
@@ -366,7 +380,7 @@ if [[ " $PHASES " == *" profile "* ]]; then
     port=$(free_port); rm -f "$work"/callgrind.out*
     RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} valgrind --tool=callgrind --cache-sim=yes \
       --D1=49152,12,64 --LL=1048576,16,64 --callgrind-out-file="$work/callgrind.out" \
-      ${SLUICE_BIN:-target/release/sluice} --config "$work/sluice.yaml" --port "$port" \
+      "$SLUICE_BIN" --config "$work/sluice.yaml" --port "$port" \
       --upgrade-sock "$work/profile.sock" 2> "$work/profile.log" & vg_pid=$!
     for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" 2>/dev/null && break; sleep 0.1; done
     url="http://127.0.0.1:$port/v1/chat/completions"
