@@ -14,39 +14,50 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_http::ResponseHeader;
 
+use crate::upstream::Head;
+
 /// The head of an answer relayed from an upstream: its status and fields but hop-by-hop ones
 /// (and `Content-Length` unless kept), then Sluice's own, which replace any upstream field of
-/// the same name. Sluice's HTTP/1.1 side writes it out as it is; for Pingora's session it
-/// becomes a `ResponseHeader`. (Building a header map per answer, only to serialize it, was
-/// ~7k instructions of a request's ~62k: hashing each name in, and dropping the map.)
+/// the same name. Sluice's HTTP/1.1 side writes it out as it is (the upstream's fields as they
+/// came, name case included); for Pingora's session it becomes a `ResponseHeader`. (Building a
+/// header map per answer, only to serialize it, was ~7k instructions of a request's ~62k:
+/// hashing each name in, and dropping the map.)
 pub(crate) struct AnswerHead<'a> {
     pub status: StatusCode,
-    pub upstream: &'a http::HeaderMap,
+    pub upstream: &'a Head,
     pub keep_length: bool,
     pub own: Vec<(HeaderName, Own<'a>)>,
 }
 
 /// A field value of Sluice's own.
 pub(crate) enum Own<'a> {
-    Value(&'a HeaderValue),
+    /// A value from the upstream's head (valid: httparse checked it).
+    Value(&'a [u8]),
     Number(u64),
     /// Checked by [`AnswerHead::text`] to be a valid field value.
     Text(&'a str),
 }
 
-impl<'a> AnswerHead<'a> {
-    /// Response header fields never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and
-    /// framing, which the server side sets for the client connection.
-    pub const HOP_BY_HOP: &'static [HeaderName] = &[
-        http::header::CONNECTION,
-        http::header::TRANSFER_ENCODING,
-        http::header::TE,
-        http::header::TRAILER,
-        http::header::UPGRADE,
-        http::header::PROXY_AUTHENTICATE,
-        http::header::PROXY_AUTHORIZATION,
-    ];
+/// Response header fields never copied from an upstream: hop-by-hop (RFC 9110 §7.6.1) and
+/// framing, which the server side sets for the client connection. Lowercase.
+pub(crate) const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
 
+/// Whether the field `name` is one of [`HOP_BY_HOP`] (ASCII case ignored).
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+}
+
+impl<'a> AnswerHead<'a> {
     /// `value` as a field value of Sluice's own, if it is a valid one (visible ASCII, spaces and
     /// tabs).
     pub fn text(value: &'a str) -> Option<Own<'a>> {
@@ -57,17 +68,20 @@ impl<'a> AnswerHead<'a> {
     }
 
     /// Whether the upstream's field `name` goes out.
-    pub fn passes(&self, name: &HeaderName) -> bool {
-        !Self::HOP_BY_HOP.contains(name)
-            && (self.keep_length || name != http::header::CONTENT_LENGTH)
-            && !self.own.iter().any(|(own, _)| own == name)
+    pub fn passes(&self, name: &[u8]) -> bool {
+        !is_hop_by_hop(name)
+            && (self.keep_length || !name.eq_ignore_ascii_case(b"content-length"))
+            && !self
+                .own
+                .iter()
+                .any(|(own, _)| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
     }
 
     /// Whether the answer declares its length.
     pub fn has_length(&self) -> bool {
         let length = &http::header::CONTENT_LENGTH;
         self.own.iter().any(|(name, _)| name == length)
-            || (self.keep_length && self.upstream.contains_key(length))
+            || (self.keep_length && self.upstream.get("content-length").is_some())
     }
 
     /// The head as Pingora's `ResponseHeader`.
@@ -76,16 +90,15 @@ impl<'a> AnswerHead<'a> {
         // `ResponseHeader` allocates a case-preserving copy of every name.
         let (mut parts, ()) = http::Response::new(()).into_parts();
         parts.status = self.status;
+        parts.headers = self.upstream.to_header_map(|name| self.passes(name));
         let headers = &mut parts.headers;
-        headers.reserve(self.upstream.len() + self.own.len());
-        for (name, value) in self.upstream {
-            if self.passes(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+        headers.reserve(self.own.len());
         for (name, value) in &self.own {
             let value = match value {
-                Own::Value(v) => (*v).clone(),
+                Own::Value(v) => match HeaderValue::from_bytes(v) {
+                    Ok(v) => v,
+                    Err(_) => continue, // not from an upstream's head
+                },
                 Own::Number(n) => HeaderValue::from(*n),
                 Own::Text(t) => match HeaderValue::from_str(t) {
                     Ok(v) => v,

@@ -20,11 +20,13 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::access::Outcome;
-use crate::downstream::{h1, AnswerHead, Client, Own};
+use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Own};
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
-use crate::upstream::{ClientHeaders, Connections, Exchange, Failure, Upstream, UpstreamAnswer};
+use crate::upstream::{
+    ClientHeaders, Connections, Exchange, Failure, Head, Upstream, UpstreamAnswer,
+};
 use crate::Map;
 
 /// Largest non-streamed response body Sluice buffers a copy of to read `usage`; a larger one
@@ -144,20 +146,18 @@ fn usage_so_far(sse: &Option<SseRelay>, json: &Option<BytesMut>) -> Option<sluic
 /// Whether a 2xx answer is one to read whole before replying: JSON (not a stream) with a
 /// declared length Sluice is willing to hold.
 fn answer_fits(exchange: &Exchange) -> bool {
-    let h = exchange.header();
+    let h = exchange.head();
     let length = h
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
+        .get("content-length")
+        .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<usize>().ok());
     !is_event_stream(h) && length.is_some_and(|n| n <= USAGE_SCAN_LIMIT)
 }
 
 /// Whether an answer is a server-sent event stream.
-fn is_event_stream(h: &ResponseHeader) -> bool {
-    h.headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+fn is_event_stream(h: &Head) -> bool {
+    h.get("content-type")
+        .is_some_and(|v| v.starts_with(b"text/event-stream"))
 }
 
 /// A successful attempt, handed to the relay.
@@ -699,7 +699,7 @@ impl<'a> Ctx<'a> {
                     continue; // `admitted` is released: nothing was served
                 }
             };
-            let status = exchange.header().status.as_u16();
+            let status = exchange.head().status().as_u16();
             if (200..300).contains(&status) && answer_fits(&exchange) {
                 // A JSON answer is read whole before the client sees a byte: a broken or
                 // malformed one still leaves the chain free to try the next candidate, and
@@ -908,7 +908,7 @@ impl<'a> Ctx<'a> {
         rate: RateHeaders,
         access: &Access<'a>,
     ) {
-        let Some(mut head) = self.answer_head(&answer.header, false, id, rate, access) else {
+        let Some(mut head) = self.answer_head(&answer.head, false, id, rate, access) else {
             return;
         };
         let length = answer.body.len() as u64;
@@ -922,7 +922,7 @@ impl<'a> Ctx<'a> {
     /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own.
     fn answer_head<'h>(
         &'h self,
-        up: &'h ResponseHeader,
+        up: &'h Head,
         keep_length: bool,
         id: &'h str,
         rate: RateHeaders,
@@ -936,7 +936,7 @@ impl<'a> Ctx<'a> {
             ));
         }
         let request_id = HeaderName::from_static("x-request-id");
-        if let Some(theirs) = up.headers.get(&request_id) {
+        if let Some(theirs) = up.get("x-request-id") {
             own.push((
                 HeaderName::from_static("x-upstream-request-id"),
                 Own::Value(theirs),
@@ -949,8 +949,8 @@ impl<'a> Ctx<'a> {
             own.push((name, Own::Number(n)));
         }
         Some(AnswerHead {
-            status: up.status,
-            upstream: &up.headers,
+            status: up.status(),
+            upstream: up,
             keep_length,
             own,
         })
@@ -989,23 +989,32 @@ impl<'a> Ctx<'a> {
         request_id: &str,
     ) {
         let extra = |resp: &mut ResponseHeader| {
-            for (name, value) in &error.header.headers {
-                if !AnswerHead::HOP_BY_HOP.contains(name)
-                    && name != header::CONTENT_LENGTH
-                    && name != header::CONTENT_TYPE
-                {
-                    let _ = resp.append_header(name.clone(), value.clone());
+            let passes = |name: &[u8]| {
+                !is_hop_by_hop(name)
+                    && !name.eq_ignore_ascii_case(b"content-length")
+                    && !name.eq_ignore_ascii_case(b"content-type")
+            };
+            for (name, value) in error.head.fields().filter(|(n, _)| passes(n)) {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    let _ = resp.append_header(name, value);
                 }
             }
-            if let Some(ct) = error.header.headers.get(header::CONTENT_TYPE) {
-                let _ = resp.insert_header(header::CONTENT_TYPE, ct.clone());
+            if let Some(ct) = error
+                .head
+                .get("content-type")
+                .and_then(|v| http::HeaderValue::from_bytes(v).ok())
+            {
+                let _ = resp.insert_header(header::CONTENT_TYPE, ct);
             }
             if self.st.config.server.deployment_header {
                 let _ = resp.insert_header("x-sluice-deployment", id);
             }
             tag_request_id(resp, request_id);
         };
-        write_body_with(session, error.header.status.as_u16(), &error.body, extra).await;
+        write_body_with(session, error.head.status().as_u16(), &error.body, extra).await;
     }
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
@@ -1022,8 +1031,8 @@ impl<'a> Ctx<'a> {
         } = served;
         let id = upstream.deployment.id.as_str();
         let idle = upstream.deployment.stream_timeout;
-        let up = exchange.header();
-        let ok = up.status.is_success();
+        let up = exchange.head();
+        let ok = up.status().is_success();
         let sse = is_event_stream(up);
         // A stripped usage chunk changes the length: let the server re-frame it.
         let Some(head) = self.answer_head(up, !injected_usage, id, rate, access) else {
@@ -1084,7 +1093,7 @@ impl<'a> Ctx<'a> {
                     // request finds the budget already corrected.
                     if exchange.done() {
                         if let Some(a) = admitted.take() {
-                            let status = exchange.header().status.as_u16();
+                            let status = exchange.head().status().as_u16();
                             self.gw.metrics.upstream(id, status, upstream_time(access));
                             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
                         }
@@ -1131,7 +1140,7 @@ impl<'a> Ctx<'a> {
         // A chunked upstream body ends only here: settle before the client sees the end.
         let tail = sse_relay.as_mut().map(SseRelay::finish).unwrap_or_default();
         if let Some(a) = admitted.take() {
-            let status = exchange.header().status.as_u16();
+            let status = exchange.head().status().as_u16();
             self.gw.metrics.upstream(id, status, upstream_time(access));
             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }

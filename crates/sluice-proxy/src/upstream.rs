@@ -13,6 +13,8 @@ use tokio::time::{timeout_at, Instant};
 
 mod h1;
 
+pub use h1::Head;
+
 /// How long an idle upstream connection stays in the pool.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 /// Most idle connections kept per upstream server and worker thread.
@@ -128,8 +130,8 @@ impl std::fmt::Display for Failure {
 
 impl Exchange {
     /// The answer's status and header fields.
-    pub fn header(&self) -> &pingora_http::ResponseHeader {
-        self.answer.header()
+    pub fn head(&self) -> &Head {
+        self.answer.head()
     }
 
     /// Whether the body has been read to its end.
@@ -154,7 +156,7 @@ impl Exchange {
 /// An error answer read whole (bounded), to inspect and maybe pass on.
 pub struct UpstreamAnswer {
     /// Status and headers.
-    pub header: pingora_http::ResponseHeader,
+    pub head: Head,
     /// The body.
     pub body: Bytes,
 }
@@ -162,10 +164,9 @@ pub struct UpstreamAnswer {
 impl UpstreamAnswer {
     /// A header's value as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.header
-            .headers
+        self.head
             .get(name)
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_owned)
     }
 }
@@ -337,12 +338,12 @@ impl Upstream {
     /// Returns the connection to the pool when the answer was read to its end (and the
     /// connection may carry another request), otherwise drops (closes) it; hands back the
     /// answer's head.
-    pub fn release(&self, exchange: Exchange) -> pingora_http::ResponseHeader {
-        let (header, conn) = exchange.answer.finish();
+    pub fn release(&self, exchange: Exchange) -> Head {
+        let (head, conn) = exchange.answer.finish();
         if let Some(conn) = conn {
             self.pool.put(conn);
         }
-        header
+        head
     }
 
     /// Reads a (small) error answer whole, returning the connection to the pool. `None` when
@@ -390,8 +391,8 @@ impl Upstream {
         })
         .await
         .unwrap_or(Err(Failure::Timeout))?;
-        let header = self.release(exchange);
-        Ok(UpstreamAnswer { header, body })
+        let head = self.release(exchange);
+        Ok(UpstreamAnswer { head, body })
     }
 }
 

@@ -30,7 +30,7 @@
 use std::io;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderName, Method, StatusCode};
+use http::{Method, StatusCode};
 use pingora_http::ResponseHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -323,7 +323,7 @@ impl Conn {
             return Ok(());
         }
         for (name, value) in &resp.headers {
-            self.field(name, value.as_bytes());
+            self.field(name.as_str().as_bytes(), value.as_bytes());
         }
         self.end_head().await
     }
@@ -337,14 +337,15 @@ impl Conn {
         if !self.start_answer(head.status, head.has_length()) {
             return Ok(());
         }
-        for (name, value) in head.upstream {
+        for (name, value) in head.upstream.fields() {
             if head.passes(name) {
-                self.field(name, value.as_bytes());
+                self.field(name, value);
             }
         }
         for (name, value) in &head.own {
+            let name = name.as_str().as_bytes();
             match value {
-                Own::Value(v) => self.field(name, v.as_bytes()),
+                Own::Value(v) => self.field(name, v),
                 Own::Number(n) => self.field(name, itoa::Buffer::new().format(*n).as_bytes()),
                 Own::Text(t) => self.field(name, t.as_bytes()),
             }
@@ -384,12 +385,12 @@ impl Conn {
     }
 
     /// Adds a field to the head, but `Date` and `Connection`, which [`Conn::end_head`] sets.
-    fn field(&mut self, name: &HeaderName, value: &[u8]) {
-        if name == http::header::DATE || name == http::header::CONNECTION {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"date") || name.eq_ignore_ascii_case(b"connection") {
             return;
         }
         let out = &mut self.out;
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
@@ -664,41 +665,38 @@ mod tests {
 
     #[tokio::test]
     async fn a_relayed_head_carries_the_same_fields_on_both_sides() {
-        let mut upstream = http::HeaderMap::new();
-        for (name, value) in [
-            ("content-type", "application/json"),
-            ("content-length", "999"),
-            ("connection", "keep-alive"),
-            ("transfer-encoding", "chunked"),
-            ("x-request-id", "up-1"),
-            ("x-upstream-request-id", "older"),
-            ("x-ratelimit-remaining-tokens", "5"),
-            ("openai-processing-ms", "12"),
-            ("set-cookie", "a=1"),
-            ("set-cookie", "b=2"),
-            ("date", "Mon, 01 Jan 2024 00:00:00 GMT"),
-        ] {
-            upstream.append(
-                HeaderName::from_static(name),
-                http::HeaderValue::from_static(value),
-            );
-        }
-        let theirs = upstream["x-request-id"].clone();
+        // Names in mixed case, as upstreams send them: hop-by-hop ones and those Sluice sets
+        // are recognised whatever their case.
+        let wire = b"HTTP/1.1 200 OK\r\n\
+            Content-Type: application/json\r\n\
+            Content-Length: 999\r\n\
+            Connection: keep-alive\r\n\
+            Transfer-Encoding: chunked\r\n\
+            X-Request-Id: up-1\r\n\
+            x-upstream-request-id: older\r\n\
+            X-RateLimit-Remaining-Tokens: 5\r\n\
+            openai-processing-ms: 12\r\n\
+            set-cookie: a=1\r\n\
+            Set-Cookie: b=2\r\n\
+            Date: Mon, 01 Jan 2024 00:00:00 GMT\r\n\r\n";
+        let upstream = crate::upstream::Head::parse(wire).unwrap();
+        let theirs = upstream.get("x-request-id").unwrap();
+        assert_eq!(theirs, b"up-1");
         let head = AnswerHead {
             status: StatusCode::OK,
             upstream: &upstream,
             keep_length: false,
             own: vec![
                 (
-                    HeaderName::from_static("x-upstream-request-id"),
-                    Own::Value(&theirs),
+                    http::HeaderName::from_static("x-upstream-request-id"),
+                    Own::Value(theirs),
                 ),
                 (
-                    HeaderName::from_static("x-request-id"),
+                    http::HeaderName::from_static("x-request-id"),
                     AnswerHead::text("ours").unwrap(),
                 ),
                 (
-                    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                    http::HeaderName::from_static("x-ratelimit-remaining-tokens"),
                     Own::Number(7),
                 ),
                 (http::header::CONTENT_LENGTH, Own::Number(2)),
@@ -715,7 +713,16 @@ mod tests {
             "x-ratelimit-remaining-tokens: 7",
             "content-length: 2",
         ];
-        let sorted = |mut v: Vec<String>| {
+        // Names compared lowercased: Pingora's map lowercases them, Sluice's side relays them
+        // as they came (checked below).
+        let sorted = |v: Vec<String>| {
+            let mut v: Vec<String> = v
+                .into_iter()
+                .map(|f| match f.split_once(": ") {
+                    Some((n, value)) => format!("{}: {value}", n.to_ascii_lowercase()),
+                    None => f,
+                })
+                .collect();
             v.sort();
             v
         };
@@ -757,6 +764,11 @@ mod tests {
         assert!(
             fields.contains(&"connection: keep-alive".to_owned()),
             "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"Content-Type: application/json".to_owned())
+                && fields.contains(&"Set-Cookie: b=2".to_owned()),
+            "upstream names go out as they came: {fields:?}"
         );
         let relayed = fields
             .into_iter()

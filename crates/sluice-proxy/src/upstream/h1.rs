@@ -19,14 +19,15 @@
 //! read exactly, anything else read to the close. A connection goes back to the pool only after
 //! its answer was read to the end with nothing left over and neither side asked to close.
 
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora_core::protocols::Stream;
-use pingora_http::ResponseHeader;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -116,11 +117,11 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 any = true;
-                if let Some((header, framing, keep)) = parse_head(&mut self.buf)? {
+                if let Some((head, framing, keep)) = parse_head(&mut self.buf)? {
                     let done = matches!(framing, Framing::Empty);
                     return Ok(Answer {
                         conn: self,
-                        header,
+                        head,
                         framing,
                         reusable: keep,
                         done,
@@ -191,16 +192,16 @@ enum Chunk {
 /// A response head read; its body is read with [`Answer::read`].
 pub struct Answer {
     conn: Conn,
-    header: ResponseHeader,
+    head: Head,
     framing: Framing,
     reusable: bool,
     done: bool,
 }
 
 impl Answer {
-    /// The status line and header fields.
-    pub fn header(&self) -> &ResponseHeader {
-        &self.header
+    /// The status and header fields.
+    pub fn head(&self) -> &Head {
+        &self.head
     }
 
     /// Whether the body has been read to its end.
@@ -277,9 +278,9 @@ impl Answer {
 
     /// The response head, and the connection when it may carry another request: the answer
     /// was read to its end and nobody asked to close it.
-    pub fn finish(self) -> (ResponseHeader, Option<Conn>) {
+    pub fn finish(self) -> (Head, Option<Conn>) {
         let conn = (self.done && self.reusable).then_some(self.conn);
-        (self.header, conn)
+        (self.head, conn)
     }
 }
 
@@ -353,12 +354,78 @@ fn decode_chunked(state: &mut Chunk, buf: &mut BytesMut) -> Result<(Option<Bytes
     Ok(((write > 0).then(|| front.freeze()), end))
 }
 
-/// A field name or value the `http` crate refuses.
-const INVALID: H1Error = H1Error::Malformed("invalid header field");
+/// An upstream's response head as it arrived: the status, and each field as where its name
+/// and value lie in the head's bytes.
+///
+/// No header map: an answer's fields are relayed one by one and looked up a handful of times
+/// (`content-type`, `content-length`, `x-request-id`, `retry-after`), which a scan of a dozen
+/// fields does for less than building a map costs (every name hashed in, an allocation for each
+/// name outside `http`'s standard set, the map's own two, and dropping it all again): callgrind
+/// put that at ~2.5k of a request's ~48k instructions. Pingora's side, which needs a map, gets
+/// one from [`Head::to_header_map`].
+#[derive(Debug, Clone)]
+pub struct Head {
+    status: StatusCode,
+    bytes: Bytes,
+    /// Each field's name and value, as ranges of `bytes`, in the order received. httparse
+    /// checked them: names are tokens and values visible ASCII, spaces, tabs or obs-text,
+    /// exactly what `http`'s `HeaderName` and `HeaderValue` accept.
+    fields: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Head {
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The first value of the field `name` (ASCII case ignored).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    /// Each field's name (as sent) and value, in the order received.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|(n, v)| (&self.bytes[n.clone()], &self.bytes[v.clone()]))
+    }
+
+    /// The fields `keep` accepts (given each name), as a header map: names lowercased, values
+    /// slices of the head's bytes (no copies).
+    pub fn to_header_map(&self, keep: impl Fn(&[u8]) -> bool) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.fields.len());
+        for (name, value) in &self.fields {
+            let name = &self.bytes[name.clone()];
+            if !keep(name) {
+                continue;
+            }
+            // Both always convert: httparse accepted them (see `fields`).
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.bytes.slice(value.clone())),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+
+    /// Parses a whole response head (tests build answers from wire bytes).
+    #[cfg(test)]
+    pub fn parse(wire: &[u8]) -> Option<Self> {
+        parse_head(&mut BytesMut::from(wire))
+            .ok()
+            .flatten()
+            .map(|(head, _, _)| head)
+    }
+}
 
 /// Parses a response head at the front of `buf` (consuming it), skipping interim 1xx answers.
 /// `None` while it is incomplete.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, bool)>, H1Error> {
+fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Framing, bool)>, H1Error> {
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
         let mut response = httparse::Response::new(&mut fields);
@@ -375,16 +442,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
             buf.advance(used); // 100 Continue and friends: the real answer follows
             continue;
         }
-        // A plain header map, handed to Pingora whole (see the gateway's `answer_header`).
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        parts.status = http::StatusCode::from_u16(status)
-            .map_err(|_| H1Error::Malformed("invalid status code"))?;
+        let status =
+            StatusCode::from_u16(status).map_err(|_| H1Error::Malformed("invalid status code"))?;
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut close = response.version != Some(1);
-        // Where each field's name and value lie in the head, so that the values can become
-        // slices of the head's bytes rather than copies (an allocation each). httparse hands
-        // out sub-slices of `buf`, so the offsets are exact.
+        // Where each field's name and value lie in the head. httparse hands out sub-slices of
+        // `buf`, so the offsets are exact.
         let base = buf.as_ptr() as usize;
         let at = |part: &[u8]| {
             let start = part.as_ptr() as usize - base;
@@ -419,16 +483,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
             }
             spans.push((at(name.as_bytes()), at(field.value)));
         }
-        let head = buf.split_to(used).freeze();
-        parts.headers.reserve(spans.len());
-        for (name, value) in spans {
-            parts.headers.append(
-                http::HeaderName::from_bytes(&head[name]).map_err(|_| INVALID)?,
-                http::HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| INVALID)?,
-            );
-        }
-        let header = ResponseHeader::from(parts);
-        let framing = if status == 204 || status == 304 || (100..200).contains(&status) {
+        let head = Head {
+            status,
+            bytes: buf.split_to(used).freeze(),
+            fields: spans,
+        };
+        let code = status.as_u16();
+        let framing = if code == 204 || code == 304 || (100..200).contains(&code) {
             Framing::Empty
         } else {
             match (chunked, length) {
@@ -442,9 +503,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(ResponseHeader, Framing, boo
         // Both framings declared is a smuggling pattern: read by the coding, then close. After
         // a 101 the connection speaks another protocol: never pooled.
         close |= chunked.is_some() && length.is_some();
-        close |= status == 101;
+        close |= code == 101;
         close |= matches!(framing, Framing::UntilClose);
-        return Ok(Some((header, framing, !close)));
+        return Ok(Some((head, framing, !close)));
     }
 }
 
@@ -642,8 +703,52 @@ mod tests {
         assert!(chunked(&[&[b'1'; MAX_CHUNK_LINE + 2]]).is_err());
     }
 
-    fn head(wire: &[u8]) -> Result<Option<(ResponseHeader, Framing, bool)>, H1Error> {
+    fn head(wire: &[u8]) -> Result<Option<(Head, Framing, bool)>, H1Error> {
         parse_head(&mut BytesMut::from(wire))
+    }
+
+    #[test]
+    fn a_head_is_read_in_place() {
+        let head = Head::parse(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nset-cookie: a=1\r\n\
+              X-Request-Id: up-1\r\nSet-Cookie: b=2\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(head.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(head.get("retry-after"), Some(&b"7"[..]));
+        assert_eq!(head.get("x-request-id"), Some(&b"up-1"[..]));
+        assert_eq!(
+            head.get("set-cookie"),
+            Some(&b"a=1"[..]),
+            "the first of two"
+        );
+        assert_eq!(head.get("x-missing"), None);
+        let names: Vec<&[u8]> = head.fields().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                &b"Retry-After"[..],
+                b"set-cookie",
+                b"X-Request-Id",
+                b"Set-Cookie",
+                b"Content-Length"
+            ],
+            "as received, in order"
+        );
+        let map = head.to_header_map(|n| !n.eq_ignore_ascii_case(b"content-length"));
+        assert_eq!(map.len(), 4);
+        assert!(!map.contains_key("content-length"));
+        let cookies: Vec<&[u8]> = map
+            .get_all("set-cookie")
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(cookies, [&b"a=1"[..], b"b=2"]);
+        // The map's values are the head's own bytes, not copies.
+        let within = head.bytes.as_ptr_range();
+        assert!(map
+            .values()
+            .all(|v| within.contains(&v.as_bytes().as_ptr())));
     }
 
     #[test]
@@ -706,7 +811,7 @@ mod tests {
                 String::from_utf8_lossy(wire)
             );
             assert_eq!(k, *keep, "{}", String::from_utf8_lossy(wire));
-            assert_ne!(header.status.as_u16(), 100, "interim answers are skipped");
+            assert_ne!(header.status().as_u16(), 100, "interim answers are skipped");
         }
         assert!(head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n")?.is_none());
         for bad in [
