@@ -14,6 +14,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_http::ResponseHeader;
 
+use crate::field_is;
 use crate::upstream::Head;
 
 /// The head of an answer relayed from an upstream: its status and fields but hop-by-hop ones
@@ -52,9 +53,7 @@ pub(crate) const HOP_BY_HOP: &[&str] = &[
 
 /// Whether the field `name` is one of [`HOP_BY_HOP`] (ASCII case ignored).
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    HOP_BY_HOP.iter().any(|h| field_is(name, h))
 }
 
 impl<'a> AnswerHead<'a> {
@@ -70,11 +69,8 @@ impl<'a> AnswerHead<'a> {
     /// Whether the upstream's field `name` goes out.
     pub fn passes(&self, name: &[u8]) -> bool {
         !is_hop_by_hop(name)
-            && (self.keep_length || !name.eq_ignore_ascii_case(b"content-length"))
-            && !self
-                .own
-                .iter()
-                .any(|(own, _)| name.eq_ignore_ascii_case(own.as_str().as_bytes()))
+            && (self.keep_length || !field_is(name, "content-length"))
+            && !self.own.iter().any(|(own, _)| field_is(name, own.as_str()))
     }
 
     /// Whether the answer declares its length.

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::access::Access;
 use crate::access::Outcome;
 use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Own};
+use crate::field_is;
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
@@ -991,8 +992,8 @@ impl<'a> Ctx<'a> {
         let extra = |resp: &mut ResponseHeader| {
             let passes = |name: &[u8]| {
                 !is_hop_by_hop(name)
-                    && !name.eq_ignore_ascii_case(b"content-length")
-                    && !name.eq_ignore_ascii_case(b"content-type")
+                    && !field_is(name, "content-length")
+                    && !field_is(name, "content-type")
             };
             for (name, value) in error.head.fields().filter(|(n, _)| passes(n)) {
                 if let (Ok(name), Ok(value)) = (

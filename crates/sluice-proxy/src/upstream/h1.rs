@@ -31,6 +31,8 @@ use pingora_core::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use crate::field_is;
+
 /// Room made for each read of an answer (SSE events and JSON answers are a few hundred bytes;
 /// a body of declared length gets up to [`MAX_READ_SIZE`] at a time).
 const READ_SIZE: usize = 4 * 1024;
@@ -382,7 +384,7 @@ impl Head {
     /// The first value of the field `name` (ASCII case ignored).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.fields()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .find(|(n, _)| field_is(n, name))
             .map(|(_, v)| v)
     }
 
@@ -457,7 +459,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Framing, bool)>, H1Err
         let mut spans = Vec::with_capacity(response.headers.len());
         for field in response.headers.iter() {
             let name = field.name;
-            if name.eq_ignore_ascii_case("content-length") {
+            if field_is(name.as_bytes(), "content-length") {
                 let n = std::str::from_utf8(field.value)
                     .ok()
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -467,7 +469,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Framing, bool)>, H1Err
                     return Err(H1Error::Malformed("conflicting content-length"));
                 }
                 length = Some(n);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            } else if field_is(name.as_bytes(), "transfer-encoding") {
                 // Only the last coding counts: `chunked` must be it for the body to be chunked.
                 let last = field
                     .value
@@ -475,7 +477,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<(Head, Framing, bool)>, H1Err
                     .next()
                     .unwrap_or_default();
                 chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name.eq_ignore_ascii_case("connection") {
+            } else if field_is(name.as_bytes(), "connection") {
                 close |= field
                     .value
                     .split(|b| *b == b',')
