@@ -212,7 +212,8 @@ impl Request {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(ParseError::Empty);
         }
-        let text = std::str::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
+        // simdutf8: the check runs over the whole body (the prompt), ~10x faster than std's.
+        let text = simdutf8::basic::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
         check_structure(text.as_bytes(), MAX_DEPTH)?;
         let raw = top_level_fields(text)?;
         let base = text.as_ptr() as usize;

@@ -67,14 +67,17 @@ pub fn usage_of_json(body: &[u8]) -> Option<Usage> {
     json_answer(body).flatten()
 }
 
-/// Reads a whole JSON answer: `None` when it is not JSON at all (a broken upstream), else its
-/// `usage` if it has one.
+/// Reads a whole JSON answer: `None` when it is not JSON at all (a broken upstream; JSON is
+/// UTF-8, RFC 8259 §8.1, so invalid UTF-8 anywhere counts as broken), else its `usage` if it
+/// has one.
+///
+/// The body is checked as UTF-8 whole (with SIMD) and then read as text: serde_json reading
+/// bytes checks every key and string it keeps on its own, which cost more than the whole check.
 pub fn json_answer(body: &[u8]) -> Option<Option<Usage>> {
-    match serde_json::from_slice::<WithUsage>(body) {
+    let text = simdutf8::basic::from_utf8(body).ok()?;
+    match serde_json::from_str::<WithUsage>(text) {
         Ok(w) => Some(w.usage),
-        Err(_) => serde_json::from_slice::<IgnoredAny>(body)
-            .ok()
-            .map(|_| None),
+        Err(_) => serde_json::from_str::<IgnoredAny>(text).ok().map(|_| None),
     }
 }
 
@@ -266,5 +269,10 @@ mod tests {
             "JSON, no usable usage"
         );
         assert_eq!(json_answer(br#"{"id": "x", "choices": ["#), None, "cut off");
+        assert_eq!(
+            json_answer(b"{\"id\":\"\xff\",\"usage\":{\"prompt_tokens\":2}}"),
+            None,
+            "invalid UTF-8, even in a string nothing reads, is not JSON"
+        );
     }
 }
