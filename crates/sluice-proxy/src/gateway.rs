@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::access::Outcome;
-use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Own};
+use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Field, Own};
 use crate::field_is;
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
@@ -432,7 +432,7 @@ impl<'a> Ctx<'a> {
             _ => match Endpoint::from_path(&path) {
                 Some(endpoint) if method == http::Method::POST => {
                     route = Route::Api(endpoint);
-                    let id = session.header("x-request-id").map(<[u8]>::to_vec);
+                    let id = session.header(Field::RequestId).map(<[u8]>::to_vec);
                     let a = access.insert(Access::start(
                         started,
                         method.as_str(),
@@ -679,9 +679,9 @@ impl<'a> Ctx<'a> {
                     // Borrowed for the send only (the session and the access record are
                     // written to after it): no copies of the fields.
                     ClientHeaders {
-                        accept: session.header("accept"),
-                        user_agent: session.header("user-agent"),
-                        openai_beta: session.header("openai-beta"),
+                        accept: session.header(Field::Accept),
+                        user_agent: session.header(Field::UserAgent),
+                        openai_beta: session.header(Field::OpenaiBeta),
                         request_id: Some(access.request_id.as_bytes()),
                     },
                     deadline,
@@ -1231,7 +1231,7 @@ pub(crate) enum Next {
 
 /// The client's key: `Authorization: Bearer <key>`, or Azure clients' `api-key: <key>`.
 fn bearer<'a>(session: &'a Client<'_>) -> Option<&'a [u8]> {
-    if let Some(v) = session.header("authorization") {
+    if let Some(v) = session.header(Field::Authorization) {
         let scheme = v.get(..7)?;
         return scheme
             .eq_ignore_ascii_case(b"bearer ")
@@ -1239,7 +1239,7 @@ fn bearer<'a>(session: &'a Client<'_>) -> Option<&'a [u8]> {
             .filter(|k| !k.is_empty());
     }
     session
-        .header("api-key")
+        .header(Field::ApiKey)
         .map(<[u8]>::trim_ascii)
         .filter(|k| !k.is_empty())
 }
@@ -1248,7 +1248,7 @@ fn bearer<'a>(session: &'a Client<'_>) -> Option<&'a [u8]> {
 /// (any parameters), a `+json` type, or absent (many SDK-less clients send none). Anything
 /// else (curl -d's form encoding, `text/plain`) is refused rather than guessed at.
 fn declares_json(session: &Client<'_>) -> bool {
-    let Some(v) = session.header("content-type") else {
+    let Some(v) = session.header(Field::ContentType) else {
         return true;
     };
     let essence = v.split(|b| *b == b';').next().unwrap_or_default();
@@ -1262,7 +1262,7 @@ fn declares_json(session: &Client<'_>) -> bool {
 /// Reads the whole request body, refusing more than `max` bytes.
 async fn read_body(session: &mut Client<'_>, max: usize) -> Result<Bytes, Rejection> {
     let declared = session
-        .header("content-length")
+        .header(Field::ContentLength)
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max) {

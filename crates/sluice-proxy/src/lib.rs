@@ -87,19 +87,34 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Whether the header field name `name` is `lower` (a lowercase name), ASCII case ignored.
+/// Whether the header field name `name` is `lower`, ASCII case ignored.
 ///
-/// A byte loop that stops at the first difference: a name looked up differs from the others of
-/// its length within the first bytes, where `<[u8]>::eq_ignore_ascii_case` compares in chunks
-/// with a set-up of its own (callgrind: ~240 instructions per request-field lookup over six
-/// fields, ~1.7k per request with the lookups of the upstream's head).
+/// `name` must be a token (httparse's and `http`'s field names are) and `lower` lowercase
+/// letters, digits and `-` (every name Sluice looks for). Then setting each byte's 0x20 bit
+/// lowercases a name exactly: it turns `A`-`Z` into `a`-`z`, leaves `a`-`z`, digits and `-` as
+/// they are, and the only other bytes it could map onto a digit or `-` are control characters,
+/// which no token has. So the comparison runs 8 bytes at a time: callgrind had the std
+/// `eq_ignore_ascii_case` (chunked, with a set-up of its own) at ~240 instructions per
+/// request-field lookup, and a byte loop at ~8 per byte.
 #[inline]
 pub(crate) fn field_is(name: &[u8], lower: &str) -> bool {
-    name.len() == lower.len()
-        && name
-            .iter()
-            .zip(lower.as_bytes())
-            .all(|(a, b)| a.to_ascii_lowercase() == *b)
+    let lower = lower.as_bytes();
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (name.chunks_exact(8), lower.chunks_exact(8));
+    for (x, y) in (&mut a).zip(&mut b) {
+        let (Ok(x), Ok(y)) = (<[u8; 8]>::try_from(x), <[u8; 8]>::try_from(y)) else {
+            return false; // cannot happen: both chunks are 8 bytes
+        };
+        if u64::from_ne_bytes(x) | 0x2020_2020_2020_2020 != u64::from_ne_bytes(y) {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
 }
 
 /// The read buffer Pingora puts in front of each client connection: none. Its HTTP/1 parser
@@ -689,6 +704,41 @@ impl pingora_core::server::ShutdownSignalWatch for Signals {
             _ = term.recv() => ShutdownSignal::GracefulTerminate,
             _ = int.recv() => ShutdownSignal::GracefulTerminate,
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_is;
+
+    #[test]
+    fn field_names_match_in_any_case_and_only_themselves() {
+        for lower in [
+            "te",
+            "x-request-id",
+            "content-length",
+            "proxy-authorization",
+        ] {
+            assert!(field_is(lower.as_bytes(), lower));
+            assert!(field_is(lower.to_ascii_uppercase().as_bytes(), lower));
+            for i in 0..lower.len() {
+                // Any other token byte at any position is another name.
+                for other in [b'a', b'Z', b'0', b'-', b'_', b'^', b'~', b'!'] {
+                    let mut name = lower.as_bytes().to_vec();
+                    if name[i].eq_ignore_ascii_case(&other) {
+                        continue;
+                    }
+                    name[i] = other;
+                    assert!(
+                        !field_is(&name, lower),
+                        "{}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+            assert!(!field_is(&lower.as_bytes()[1..], lower));
+            assert!(!field_is(format!("{lower}s").as_bytes(), lower));
         }
     }
 }

@@ -35,7 +35,7 @@ use pingora_http::ResponseHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{AnswerHead, Own};
+use super::{AnswerHead, Field, Own};
 use crate::field_is;
 
 /// Most header fields a request served here may have; a request with more is declined.
@@ -76,13 +76,6 @@ enum Framing {
     Close,
 }
 
-/// Where a header field lies in the request head: offsets of its name and value.
-#[derive(Debug, Clone, Copy)]
-struct Field {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
 /// A plain client connection served by Sluice's HTTP/1.1 side, request after request.
 pub struct Conn {
     io: TcpStream,
@@ -90,11 +83,12 @@ pub struct Conn {
     buf: BytesMut,
     /// The answer's bytes not yet written.
     out: Vec<u8>,
-    /// The current request's head; `path` and `fields` index into it.
+    /// The current request's head; `path` and `known` index into it.
     head: Bytes,
     method: Method,
     path: (u32, u32),
-    fields: Vec<Field>,
+    /// Where the value of each [`Field`] lies in the head (the first of its name), if it came.
+    known: [Option<(u32, u32)>; Field::COUNT],
     /// Request body bytes still to be read.
     body_left: u64,
     keepalive: bool,
@@ -114,7 +108,7 @@ impl Conn {
             head: Bytes::new(),
             method: Method::GET,
             path: (0, 0),
-            fields: Vec::new(),
+            known: [None; Field::COUNT],
             body_left: 0,
             keepalive: true,
             reuses_left: reuses,
@@ -199,7 +193,7 @@ impl Conn {
         let span = |s: &[u8]| ((s.as_ptr() as usize - base) as u32, s.len() as u32);
         let mut length = None;
         let mut keepalive = true;
-        self.fields.clear();
+        self.known = [None; Field::COUNT];
         for f in req.headers.iter() {
             let (name, value) = (f.name.as_bytes(), f.value);
             if field_is(name, "content-length") {
@@ -221,10 +215,9 @@ impl Conn {
                     }
                 }
             }
-            self.fields.push(Field {
-                name: span(name),
-                value: span(value),
-            });
+            if let Some(field) = Field::of(name) {
+                self.known[field as usize].get_or_insert(span(value));
+            }
         }
         self.path = span(path.as_bytes());
         self.method = method;
@@ -262,12 +255,9 @@ impl Conn {
         std::str::from_utf8(path).unwrap_or_default()
     }
 
-    /// The value of the first field named `name` (lowercase).
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.fields
-            .iter()
-            .find(|f| f.name.1 as usize == name.len() && field_is(self.slice(f.name), name))
-            .map(|f| self.slice(f.value))
+    /// The value of the first field `field`.
+    pub fn header(&self, field: Field) -> Option<&[u8]> {
+        self.known[field as usize].map(|at| self.slice(at))
     }
 
     /// Closes the connection after this request's answer.
@@ -497,6 +487,51 @@ mod tests {
     const CHAT: &[u8] = b"POST /v1/chat/completions?api-version=1 HTTP/1.1\r\nHost: x\r\n\
         Authorization: Bearer k\r\nContent-Length: 2\r\nX-Request-Id: r1\r\n\r\n{}";
 
+    #[test]
+    fn known_fields_are_told_by_name_in_any_case() {
+        let all = [
+            Field::Authorization,
+            Field::ApiKey,
+            Field::ContentType,
+            Field::ContentLength,
+            Field::RequestId,
+            Field::Accept,
+            Field::UserAgent,
+            Field::OpenaiBeta,
+        ];
+        assert_eq!(all.len(), Field::COUNT);
+        for field in all {
+            let name = field.name();
+            assert_eq!(Field::of(name.as_bytes()), Some(field), "{name}");
+            assert_eq!(Field::of(name.to_ascii_uppercase().as_bytes()), Some(field));
+            // One byte off, one byte longer or shorter: not the field.
+            let mut near = name.as_bytes().to_vec();
+            near[name.len() - 1] ^= 1;
+            assert_eq!(Field::of(&near), None, "{name}");
+            assert_eq!(Field::of(format!("{name}s").as_bytes()), None);
+            assert_eq!(Field::of(&name.as_bytes()[1..]), None);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_of_a_repeated_field_counts() {
+        let (mut conn, _client) = pair().await;
+        conn.buf = BytesMut::from(
+            &b"GET /v1/models HTTP/1.1\r\nauthorization: Bearer first\r\n\
+               AUTHORIZATION: Bearer second\r\nUser-Agent: sdk\r\n\r\n"[..],
+        );
+        assert_eq!(conn.parse(), Some(true));
+        assert_eq!(
+            conn.header(Field::Authorization),
+            Some(&b"Bearer first"[..])
+        );
+        assert_eq!(conn.header(Field::UserAgent), Some(&b"sdk"[..]));
+        // The next request on the connection starts with no fields known.
+        conn.buf = BytesMut::from(&b"GET /v1/models HTTP/1.1\r\n\r\n"[..]);
+        assert_eq!(conn.parse(), Some(true));
+        assert_eq!(conn.header(Field::Authorization), None);
+    }
+
     #[tokio::test]
     async fn every_prefix_waits_and_the_whole_head_is_taken() {
         let (mut conn, _client) = pair().await;
@@ -509,9 +544,10 @@ mod tests {
         assert_eq!(conn.parse(), Some(true));
         assert_eq!(conn.method(), Method::POST);
         assert_eq!(conn.path(), "/v1/chat/completions");
-        assert_eq!(conn.header("authorization"), Some(&b"Bearer k"[..]));
-        assert_eq!(conn.header("x-request-id"), Some(&b"r1"[..]));
-        assert_eq!(conn.header("accept"), None);
+        assert_eq!(conn.header(Field::Authorization), Some(&b"Bearer k"[..]));
+        assert_eq!(conn.header(Field::RequestId), Some(&b"r1"[..]));
+        assert_eq!(conn.header(Field::ContentLength), Some(&b"2"[..]));
+        assert_eq!(conn.header(Field::Accept), None);
         assert!(conn.keepalive);
         assert_eq!(conn.read_body().await.unwrap().as_deref(), Some(&b"{}"[..]));
         assert_eq!(conn.read_body().await.unwrap(), None);
