@@ -91,3 +91,80 @@ async fn an_answer_before_the_body_arrives_closes_the_connection() {
     assert!(closed, "left open: {out}");
     assert_eq!(up.calls(), 0);
 }
+
+/// Reads one answer off a keep-alive connection: its status and body (by `Content-Length`).
+async fn one_answer(conn: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        conn.read_exact(&mut byte).await.unwrap();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .expect("a length");
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_remembers_a_key_only_while_it_is_the_same_key_under_the_same_config() {
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let models = format!(
+        "model_list:\n{}{}",
+        deployment("m", "x", &up.base_url(), ""),
+        deployment("n", "y", &up.base_url(), "")
+    );
+    let keys = "general_settings: {master_key: sk-m}\nkeys:\n  - {key: sk-a, key_alias: a}\n  - {key: sk-b, key_alias: b, models: [n]}\n";
+    let s = Sluice::start(&format!("{models}{keys}")).await;
+    let request = |key_field: &str, model: &str| {
+        let body = chat(model);
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{key_field}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    // Each answer is read before the next request is sent, all on this one connection (a
+    // refusal before the body is read would close it: the last step of each connection).
+    let mut send = async |key_field: &str, model: &str| {
+        conn.write_all(request(key_field, model).as_bytes())
+            .await
+            .unwrap();
+        one_answer(&mut conn).await.0
+    };
+    assert_eq!(send("Authorization: Bearer sk-a", "m").await, 200);
+    assert_eq!(send("Authorization: Bearer sk-a", "m").await, 200);
+    assert_eq!(
+        send("Authorization: Bearer sk-b", "m").await,
+        403,
+        "another key is its own owner's, not the remembered one's"
+    );
+    assert_eq!(send("Authorization: Bearer sk-b", "n").await, 200);
+    assert_eq!(send("api-key: sk-b", "m").await, 403, "another field");
+    assert_eq!(send("Authorization: Bearer sk-a", "m").await, 200);
+    assert_eq!(send("Authorization: Bearer sk-m", "m").await, 200, "master");
+    assert_eq!(send("Authorization: Bearer sk-a", "m").await, 200);
+    // A reload that revokes sk-a: the connection's memory of it no longer counts.
+    let revoked = format!(
+        "{models}general_settings: {{master_key: sk-m}}\nkeys:\n  - {{key: sk-b, key_alias: b}}\n"
+    );
+    let config = sluice_config::load_with_env(&revoked, &|_| None)
+        .unwrap()
+        .config;
+    s.gateway.reload(config);
+    assert_eq!(
+        send("Authorization: Bearer sk-a", "m").await,
+        401,
+        "revoked"
+    );
+    assert_eq!(up.calls(), 6);
+}

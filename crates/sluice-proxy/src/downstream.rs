@@ -159,6 +159,15 @@ impl Field {
     }
 }
 
+/// Whom a client key belongs to, as a connection remembers it (see [`Client::remembered_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyOwner {
+    /// The master key.
+    Admin,
+    /// The virtual key at this index of the config's `keys`.
+    Key(usize),
+}
+
 /// A request being served, on either side.
 pub(crate) enum Client<'a> {
     Pingora(&'a mut ServerSession),
@@ -191,6 +200,24 @@ impl Client<'_> {
         match self {
             Self::Pingora(s) => s.get_header(field.name()).map(http::HeaderValue::as_bytes),
             Self::H1(c) => c.header(field),
+        }
+    }
+
+    /// Whom the key this request presents belongs to, when the previous request on the
+    /// connection presented the very same field value and was let in under the config of
+    /// `generation`. Only Sluice's HTTP/1.1 side remembers (a keep-alive client sends one key
+    /// request after request: this saves hashing it and the lookup each time).
+    pub fn remembered_key(&self, generation: u64) -> Option<KeyOwner> {
+        match self {
+            Self::Pingora(_) => None,
+            Self::H1(c) => c.remembered_key(generation),
+        }
+    }
+
+    /// Remembers that this request's key belongs to `owner` under the config of `generation`.
+    pub fn remember_key(&mut self, generation: u64, owner: KeyOwner) {
+        if let Self::H1(c) = self {
+            c.remember_key(generation, owner);
         }
     }
 

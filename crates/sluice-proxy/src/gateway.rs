@@ -1,6 +1,6 @@
 //! The request path: auth → read body → parse → plan → send (with fallback) → stream back.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::access::Outcome;
-use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Field, Own};
+use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Field, KeyOwner, Own};
 use crate::field_is;
 use crate::limits::{RateHeaders, Scopes, SetHeaders};
 use crate::metrics::{Metrics, Route, ScopeKind};
@@ -195,6 +195,9 @@ impl Caller<'_> {
 /// Everything derived from one configuration. A reload builds a new one and swaps it in whole;
 /// requests already running keep the one they started with.
 pub struct State {
+    /// Tells this state from every other one built by the process (connections remember
+    /// whose key they saw under a generation: see `Client::remembered_key`).
+    generation: u64,
     config: Config,
     keys: Map<KeyDigest, usize>,
     upstreams: Map<String, Upstream>,
@@ -206,6 +209,8 @@ impl State {
     /// Builds the state for `config`, registering its limits with `limiter` (a limit whose
     /// spec is unchanged keeps its state: budget survives a reload).
     fn new(config: Config, limiter: &Limiter, connections: &Connections) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
         let keys = config
             .keys
             .iter()
@@ -232,6 +237,7 @@ impl State {
         let scopes = Scopes::register(&config, limiter);
         let router = Router::new(&config);
         Self {
+            generation,
             config,
             keys,
             upstreams,
@@ -387,20 +393,35 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn authenticate(&self, session: &Client<'_>) -> Result<Caller<'a>, Rejection> {
+    fn authenticate(&self, session: &mut Client<'_>) -> Result<Caller<'a>, Rejection> {
         if self.st.config.master_key.is_none() && self.st.config.keys.is_empty() {
             return Ok(Caller::Admin);
         }
-        let presented = bearer(session).ok_or(Rejection::MissingKey)?;
-        let digest = KeyDigest::of(presented);
-        if self.st.config.master_key == Some(digest) {
-            return Ok(Caller::Admin);
+        let generation = self.st.generation;
+        let owner = match session.remembered_key(generation) {
+            Some(owner) => owner,
+            None => {
+                let presented = bearer(session).ok_or(Rejection::MissingKey)?;
+                let digest = KeyDigest::of(presented);
+                let owner = if self.st.config.master_key == Some(digest) {
+                    KeyOwner::Admin
+                } else {
+                    KeyOwner::Key(*self.st.keys.get(&digest).ok_or(Rejection::BadKey)?)
+                };
+                session.remember_key(generation, owner);
+                owner
+            }
+        };
+        match owner {
+            KeyOwner::Admin => Ok(Caller::Admin),
+            KeyOwner::Key(i) => self
+                .st
+                .config
+                .keys
+                .get(i)
+                .map(|k| Caller::Key(k, i))
+                .ok_or(Rejection::BadKey),
         }
-        self.st
-            .keys
-            .get(&digest)
-            .and_then(|i| self.st.config.keys.get(*i).map(|k| Caller::Key(k, *i)))
-            .ok_or(Rejection::BadKey)
     }
 
     /// Handles one request; the response is written to `session` (errors included).

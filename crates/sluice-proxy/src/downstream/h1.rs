@@ -35,7 +35,7 @@ use pingora_http::ResponseHeader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{AnswerHead, Field, Own};
+use super::{AnswerHead, Field, KeyOwner, Own};
 use crate::field_is;
 
 /// Most header fields a request served here may have; a request with more is declined.
@@ -96,6 +96,18 @@ pub struct Conn {
     reuses_left: Option<u32>,
     /// The status and framing of the answer once its head was written.
     answer: Option<(StatusCode, Framing)>,
+    /// The key field's value of the last request let in, and whose it was.
+    key_memo: Option<KeyMemo>,
+}
+
+/// See [`Conn::remembered_key`].
+#[derive(Debug)]
+struct KeyMemo {
+    /// The config it was checked against (`gateway::State`'s generation).
+    generation: u64,
+    field: Field,
+    value: Vec<u8>,
+    owner: KeyOwner,
 }
 
 impl Conn {
@@ -113,6 +125,7 @@ impl Conn {
             keepalive: true,
             reuses_left: reuses,
             answer: None,
+            key_memo: None,
         }
     }
 
@@ -258,6 +271,48 @@ impl Conn {
     /// The value of the first field `field`.
     pub fn header(&self, field: Field) -> Option<&[u8]> {
         self.known[field as usize].map(|at| self.slice(at))
+    }
+
+    /// The field that carries the client's key, as the gateway reads it: `authorization` when
+    /// present, else `api-key`; and where its value lies.
+    fn key_field(&self) -> Option<(Field, (u32, u32))> {
+        [Field::Authorization, Field::ApiKey]
+            .into_iter()
+            .find_map(|f| self.known[f as usize].map(|at| (f, at)))
+    }
+
+    /// Whom this request's key belongs to, if the last request let in on this connection sent
+    /// the same key field with the same value, checked under the config of `generation`.
+    /// Whether a key is let in is a function of that value and the config alone, so the
+    /// answer is the one a fresh check would give; a reload (a new generation) forgets it.
+    pub fn remembered_key(&self, generation: u64) -> Option<KeyOwner> {
+        let memo = self.key_memo.as_ref()?;
+        let (field, at) = self.key_field()?;
+        (memo.generation == generation && memo.field == field && memo.value == self.slice(at))
+            .then_some(memo.owner)
+    }
+
+    /// Remembers this request's key field as belonging to `owner` (see
+    /// [`Conn::remembered_key`]). The copy of the value lives as long as the connection.
+    pub fn remember_key(&mut self, generation: u64, owner: KeyOwner) {
+        let Some((field, at)) = self.key_field() else {
+            return;
+        };
+        let value = self
+            .head
+            .get(at.0 as usize..(at.0 + at.1) as usize)
+            .unwrap_or_default();
+        let memo = self.key_memo.get_or_insert_with(|| KeyMemo {
+            generation,
+            field,
+            value: Vec::new(),
+            owner,
+        });
+        memo.generation = generation;
+        memo.field = field;
+        memo.owner = owner;
+        memo.value.clear();
+        memo.value.extend_from_slice(value);
     }
 
     /// Closes the connection after this request's answer.
