@@ -51,6 +51,14 @@
 //! Pingora's work-stealing runtime ([`Lifecycle::runtime_per_worker`] says why); the binary, and so
 //! the process tests, run one runtime per worker.
 //!
+//! # Built with profile-guided optimisation
+//! The release build (`scripts/pgo-build.sh`, also the container image's) trains an
+//! instrumented binary on loopback for ~20 s and compiles again with the profile: the same code,
+//! its hot path laid out together and inlined where it runs. Callgrind on the load bench's
+//! profile (`PHASES=profile`), plain → PGO, per request: 46.0k → 38.0k instructions at 8
+//! connections, 47.8k → 40.6k at 256; on earlier code, instruction-cache misses at 256
+//! connections 2,372 → 1,611 (the request path is long and spread over many crates).
+//!
 //! # Entry points
 //! [`build_server`] assembles a Pingora `Server` for a [`sluice_config::Config`]; the binary
 //! (`sluice`) and the end-to-end tests both start Sluice through it.
