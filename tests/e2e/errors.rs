@@ -100,9 +100,24 @@ async fn an_upstream_error_on_the_last_candidate_passes_through() {
     })
     .await
     .unwrap();
-    let s = Sluice::one_deployment("m", &up.base_url(), "").await;
+    let fine = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let s = Sluice::start(&format!(
+        "model_list:\n{}{}",
+        deployment("m", "x", &up.base_url(), ""),
+        deployment("ok", "x", &fine.base_url(), "")
+    ))
+    .await;
     let resp = s.chat(chat("m")).await;
     assert_eq!(resp.headers()["retry-after"], "11");
+    // The upstream's own id is passed on under another name, Sluice's is the answer's; the
+    // same for a relayed success.
+    for resp in [&resp, &s.chat(chat("ok")).await] {
+        let h = resp.headers();
+        assert_eq!(h["x-upstream-request-id"], "req_mock", "{h:?}");
+        assert_ne!(h["x-request-id"], "req_mock", "{h:?}");
+        assert_eq!(h.get_all("x-request-id").iter().count(), 1, "{h:?}");
+        assert_eq!(h["content-type"], "application/json");
+    }
     let v = error_body(resp, 429).await;
     assert_eq!(v["error"]["type"], "rate_limit_exceeded");
 }

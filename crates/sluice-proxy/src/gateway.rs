@@ -20,9 +20,8 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::access::Outcome;
-use crate::downstream::{h1, is_hop_by_hop, AnswerHead, Client, Field, KeyOwner, Own};
-use crate::field_is;
-use crate::limits::{RateHeaders, Scopes, SetHeaders};
+use crate::downstream::{h1, AnswerHead, Client, Field, KeyOwner, Own};
+use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
 use crate::upstream::{
@@ -811,13 +810,10 @@ impl<'a> Ctx<'a> {
                 UpstreamError::Client => {
                     // The request itself is wrong: no other deployment will take it either.
                     admitted.settle(0);
-                    Box::pin(self.write_upstream_error(
-                        session,
-                        &deployment.id,
-                        &error,
-                        &access.request_id,
-                    ))
-                    .await;
+                    // Rare: boxed, so that its state does not size every request's future.
+                    let rate = RateHeaders::default();
+                    Box::pin(self.write_answer(session, &deployment.id, &error, rate, access))
+                        .await;
                     return Ok(());
                 }
             }
@@ -829,7 +825,8 @@ impl<'a> Ctx<'a> {
                 answer: Some((id, error)),
                 ..
             } => {
-                Box::pin(self.write_upstream_error(session, &id, &error, &access.request_id)).await;
+                let rate = RateHeaders::default();
+                Box::pin(self.write_answer(session, &id, &error, rate, access)).await;
                 Ok(())
             }
             ChainOutcome {
@@ -920,8 +917,9 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Writes a whole (2xx, JSON) answer: the upstream's headers but hop-by-hop ones, Sluice's
-    /// own, and the body, in one go.
+    /// Writes a whole upstream answer read into memory — a 2xx JSON answer, or an error answer
+    /// passed on — the upstream's headers but hop-by-hop ones, Sluice's own, and the body, in
+    /// one go.
     async fn write_answer(
         &self,
         session: &mut Client<'_>,
@@ -933,6 +931,11 @@ impl<'a> Ctx<'a> {
         let Some(mut head) = self.answer_head(&answer.head, false, id, rate, access) else {
             return;
         };
+        if answer.head.get("content-type").is_none() {
+            // Sluice read it as JSON (a 2xx), or passes on an error answer: labelled JSON.
+            head.own
+                .push((header::CONTENT_TYPE, Own::Text("application/json")));
+        }
         let length = answer.body.len() as u64;
         head.own.push((header::CONTENT_LENGTH, Own::Number(length)));
         if let Err(e) = session.write_answer(&head, Some(&answer.body)).await {
@@ -940,8 +943,9 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// The client's response head for an upstream's 2xx answer: the upstream's fields but
-    /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own.
+    /// The client's response head for an upstream's answer: the upstream's fields but
+    /// hop-by-hop ones (and `Content-Length` unless `keep_length`), then Sluice's own (the
+    /// upstream's `x-request-id` goes out as `x-upstream-request-id`, Sluice's replaces it).
     fn answer_head<'h>(
         &'h self,
         up: &'h Head,
@@ -1000,43 +1004,6 @@ impl<'a> Ctx<'a> {
             .map_or(prompt_tokens + relay.chunks(), |u| u.tokens());
         access.tokens = Some(tokens);
         admitted.settle(tokens);
-    }
-
-    /// Passes an upstream's (buffered) error answer on to the client.
-    async fn write_upstream_error(
-        &self,
-        session: &mut Client<'_>,
-        id: &str,
-        error: &UpstreamAnswer,
-        request_id: &str,
-    ) {
-        let extra = |resp: &mut ResponseHeader| {
-            let passes = |name: &[u8]| {
-                !is_hop_by_hop(name)
-                    && !field_is(name, "content-length")
-                    && !field_is(name, "content-type")
-            };
-            for (name, value) in error.head.fields().filter(|(n, _)| passes(n)) {
-                if let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(name),
-                    http::HeaderValue::from_bytes(value),
-                ) {
-                    let _ = resp.append_header(name, value);
-                }
-            }
-            if let Some(ct) = error
-                .head
-                .get("content-type")
-                .and_then(|v| http::HeaderValue::from_bytes(v).ok())
-            {
-                let _ = resp.insert_header(header::CONTENT_TYPE, ct);
-            }
-            if self.st.config.server.deployment_header {
-                let _ = resp.insert_header("x-sluice-deployment", id);
-            }
-            tag_request_id(resp, request_id);
-        };
-        write_body_with(session, error.head.status().as_u16(), &error.body, extra).await;
     }
 
     /// Streams the upstream's answer to the client as it arrives, chunk by chunk, reading
@@ -1328,21 +1295,6 @@ async fn read_body(session: &mut Client<'_>, max: usize) -> Result<Bytes, Reject
     }
 }
 
-/// Sets `x-request-id` on a response, keeping an upstream's own id as
-/// `x-upstream-request-id`.
-fn tag_request_id(out: &mut impl SetHeaders, id: &str) {
-    let request_id = http::HeaderName::from_static("x-request-id");
-    if let Some(upstream) = out.take(&request_id) {
-        out.set(
-            http::HeaderName::from_static("x-upstream-request-id"),
-            upstream,
-        );
-    }
-    if let Ok(id) = http::HeaderValue::from_str(id) {
-        out.set(request_id, id);
-    }
-}
-
 async fn write_json(session: &mut Client<'_>, status: u16, body: &[u8]) {
     write_body_with(session, status, body, |_| {}).await;
 }
@@ -1374,8 +1326,10 @@ async fn write_body_with(
 async fn respond_error(session: &mut Client<'_>, rejection: &Rejection, request_id: Option<&str>) {
     let body = rejection.body().to_json();
     write_body_with(session, rejection.status(), &body, |resp| {
-        if let Some(id) = request_id {
-            tag_request_id(resp, id);
+        // Sluice's own answer: nothing of an upstream's to keep (an upstream's answer, and its
+        // `x-request-id`, go out through `answer_head`).
+        if let Some(id) = request_id.and_then(|id| http::HeaderValue::from_str(id).ok()) {
+            let _ = resp.insert_header("x-request-id", id);
         }
         if let Rejection::RateLimited(r, rate) = rejection {
             let secs = r.retry_after.as_millis().div_ceil(1000).max(1);

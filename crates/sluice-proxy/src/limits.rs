@@ -173,15 +173,10 @@ impl RateHeaders {
 pub trait SetHeaders {
     /// Sets `name` to `value`, replacing what it had.
     fn set(&mut self, name: HeaderName, value: HeaderValue);
-    /// Removes `name`, returning its value.
-    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue>;
 }
 
 impl SetHeaders for ResponseHeader {
     fn set(&mut self, name: HeaderName, value: HeaderValue) {
         let _ = self.insert_header(name, value);
-    }
-    fn take(&mut self, name: &HeaderName) -> Option<HeaderValue> {
-        self.remove_header(name)
     }
 }

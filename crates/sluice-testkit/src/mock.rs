@@ -268,6 +268,9 @@ fn full(status: StatusCode, body: Value) -> Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    // OpenAI names every answer; a gateway passes it on as `x-upstream-request-id`.
+    r.headers_mut()
+        .insert("x-request-id", http::HeaderValue::from_static("req_mock"));
     r
 }
 
