@@ -14,8 +14,8 @@ pub struct Access<'a> {
     /// Time spent with upstreams (for the overhead metric).
     pub upstream_time: std::time::Duration,
     /// The client's `x-request-id` (when it is a sane token), else a generated one.
-    pub request_id: String,
-    method: String,
+    request_id: RequestId,
+    method: http::Method,
     path: String,
     /// The key's alias (`master` for the master key).
     pub key: Option<&'a str>,
@@ -68,21 +68,35 @@ pub struct Skipped<'a> {
     pub reason: &'static str,
 }
 
+/// A request's id: the client's, or 16 random hex digits of Sluice's (kept inline: no
+/// allocation for the common request that brings none).
+#[derive(Debug)]
+enum RequestId {
+    Client(String),
+    Generated([u8; 16]),
+}
+
 impl<'a> Access<'a> {
-    /// Starts a record for a request that arrived at `started`.
-    pub fn start(started: Instant, method: &str, path: &str, request_id: Option<&[u8]>) -> Self {
+    /// Starts a record for a request that arrived at `started`, taking over its `path` and the
+    /// client's `x-request-id` value, if any.
+    pub fn start(
+        started: Instant,
+        method: http::Method,
+        path: String,
+        request_id: Option<Vec<u8>>,
+    ) -> Self {
         let request_id = request_id
             .filter(|id| {
                 !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_graphic())
             })
-            .and_then(|id| std::str::from_utf8(id).ok())
-            .map_or_else(generated_id, str::to_owned);
+            .and_then(|id| String::from_utf8(id).ok())
+            .map_or_else(generated_id, RequestId::Client);
         Self {
             started,
             upstream_time: std::time::Duration::ZERO,
             request_id,
-            method: method.to_owned(),
-            path: path.to_owned(),
+            method,
+            path,
             key: None,
             group: None,
             tried: Vec::new(),
@@ -91,6 +105,20 @@ impl<'a> Access<'a> {
             tokens: None,
             duration_ms: 0.0,
         }
+    }
+
+    /// The request's id (the client's `x-request-id` when it sent a sane one).
+    pub fn request_id(&self) -> &str {
+        match &self.request_id {
+            RequestId::Client(id) => id,
+            // Hex digits: ASCII, so this cannot fail.
+            RequestId::Generated(hex) => std::str::from_utf8(hex).unwrap_or_default(),
+        }
+    }
+
+    /// The request's path.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// Notes an attempt.
@@ -112,9 +140,9 @@ impl<'a> Access<'a> {
     /// is every one but a hostile path, is copied whole.
     fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"request_id\":");
-        json_str(out, &self.request_id);
+        json_str(out, self.request_id());
         out.extend_from_slice(b",\"method\":");
-        json_str(out, &self.method);
+        json_str(out, self.method.as_str());
         out.extend_from_slice(b",\"path\":");
         json_str(out, &self.path);
         if let Some(key) = &self.key {
@@ -192,7 +220,7 @@ impl<'a> Access<'a> {
                 log::info!(
                     target: crate::logging::ACCESS_TARGET,
                     "request_id={} key={} {} {} group={} status={} tokens={} duration_ms={:.1} tried={tried} skipped={skipped}",
-                    self.request_id,
+                    self.request_id(),
                     self.key.unwrap_or("-"),
                     self.method,
                     self.path,
@@ -208,13 +236,12 @@ impl<'a> Access<'a> {
 
 /// A request id for a request that came without one: 16 random hex digits (written without
 /// `format!`, whose machinery was ~500 instructions a request).
-fn generated_id() -> String {
+fn generated_id() -> RequestId {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n = rand::random::<u64>();
-    (0..16)
-        .rev()
-        .map(|i| char::from(HEX[((n >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    RequestId::Generated(std::array::from_fn(|i| {
+        HEX[((n >> ((15 - i) * 4)) & 0xf) as usize]
+    }))
 }
 
 /// `,"name":[{…},…]` for a non-empty list, each object's fields written by `fields`; nothing
@@ -253,7 +280,15 @@ mod tests {
 
     #[tokio::test]
     async fn the_json_line_is_json_with_every_field_and_escapes_what_it_must() {
-        let mut a = Access::start(Instant::now(), "POST", "/v1/chat/completions", Some(b"r-1"));
+        let start = |method: &str, path: &str, id: Option<&[u8]>| {
+            Access::start(
+                Instant::now(),
+                method.parse().unwrap(),
+                path.to_owned(),
+                id.map(<[u8]>::to_vec),
+            )
+        };
+        let mut a = start("POST", "/v1/chat/completions", Some(b"r-1"));
         let line = |a: &Access| {
             let mut out = Vec::new();
             a.write_json(&mut out);
@@ -263,13 +298,22 @@ mod tests {
         assert_eq!(v["request_id"], "r-1");
         assert_eq!(v["path"], "/v1/chat/completions");
         assert_eq!(v.as_object().unwrap().len(), 5, "{v}"); // absent fields left out
-        let generated = Access::start(Instant::now(), "GET", "/", Some(b"bad id")).request_id;
+        assert_eq!(a.request_id(), "r-1");
+        let generated = start("GET", "/", Some(b"bad id")).request_id().to_owned();
         assert_eq!(generated.len(), 16, "{generated}");
         assert!(generated
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        let other = Access::start(Instant::now(), "GET", "/", None).request_id;
+        let other = start("GET", "/", None).request_id().to_owned();
         assert_ne!(generated, other, "random ids");
+        let fresh = start("GET", "/", None);
+        let v = line(&fresh);
+        assert_eq!(
+            v["request_id"],
+            fresh.request_id(),
+            "the line has the generated id"
+        );
+        assert_eq!(v["method"], "GET");
         assert!(v["duration_ms"].is_f64());
 
         a.path = "/odd\"path\\with\u{1}é\n".to_owned();

@@ -423,11 +423,12 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Handles one request; the response is written to `session` (errors included).
-    async fn handle(&self, session: &mut Client<'_>) {
+    /// Handles one request; the response is written to `session` (errors included). Returns
+    /// when it ended (the clock read for its duration).
+    async fn handle(&self, session: &mut Client<'_>) -> Instant {
         let started = Instant::now();
         let method = session.method().clone();
-        let path = session.path().to_owned();
+        let mut path = session.path().to_owned();
         let mut route = Route::Other;
         let mut group = "none";
         let mut access = None;
@@ -455,9 +456,9 @@ impl<'a> Ctx<'a> {
                     let id = session.header(Field::RequestId).map(<[u8]>::to_vec);
                     let a = access.insert(Access::start(
                         started,
-                        method.as_str(),
-                        &path,
-                        id.as_deref(),
+                        method.clone(),
+                        std::mem::take(&mut path), // the record keeps it from here on
+                        id,
                     ));
                     let result = self.api(session, endpoint, a).await;
                     // Only names from the config become label values.
@@ -473,15 +474,17 @@ impl<'a> Ctx<'a> {
         };
         if let Err(rejection) = result {
             log::debug!(
-                "{method} {path}: {} ({})",
+                "{method} {}: {} ({})",
+                access.as_ref().map_or(path.as_str(), Access::path),
                 rejection.status(),
                 rejection.as_str()
             );
-            let id = access.as_ref().map(|a| a.request_id.as_str());
+            let id = access.as_ref().map(Access::request_id);
             respond_error(session, &rejection, id).await;
         }
         let status = session.status().map_or(0, |s| s.as_u16());
-        let took = started.elapsed();
+        let ended = Instant::now();
+        let took = ended.saturating_duration_since(started);
         self.gw.metrics.request(route, group, status, took);
         if let Some(a) = access {
             self.gw
@@ -489,6 +492,7 @@ impl<'a> Ctx<'a> {
                 .overhead(took.saturating_sub(a.upstream_time));
             a.finish(status, took, self.st.config.server.access_log);
         }
+        ended
     }
 
     /// `/health/liveness` (always 200) and `/health/readiness` (503 while draining or before
@@ -618,11 +622,16 @@ impl<'a> Ctx<'a> {
         // The order only spreads load, it guards nothing, so a small fast generator will do
         // (seeding a ChaCha `StdRng` per request was ~1 % of the request's instructions).
         let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(rand::random());
-        let Some(mut chain) = self.st.router.chain(
+        // One clock read for the chain's start and the first send, unless admission waits in
+        // between (then the send reads the clock again, as every later attempt does).
+        let now = Instant::now();
+        let mut unspent_now = Some(now);
+        let Some(mut chain) = self.st.router.chain_at(
             &group.name,
             request.prompt_tokens_estimate(),
             &budget,
             &mut rng,
+            now,
         ) else {
             return Err(Rejection::UnknownModel(group.name.clone()));
         };
@@ -654,7 +663,10 @@ impl<'a> Ctx<'a> {
                 .collect();
             let admitted = match self.gw.limiter.try_admit(&costs) {
                 Some(a) => Ok(a),
-                None => self.gw.limiter.admit(&costs).await,
+                None => {
+                    unspent_now = None;
+                    self.gw.limiter.admit(&costs).await
+                }
             };
             let mut admitted = match admitted {
                 Ok(a) => a,
@@ -689,7 +701,7 @@ impl<'a> Ctx<'a> {
             }
             chain.attempted();
             let _busy = self.st.router.start(&deployment.id);
-            let sent_at = Instant::now();
+            let sent_at = unspent_now.take().unwrap_or_else(Instant::now);
             let deadline = (sent_at + deployment.timeout).min(chain.deadline());
             let exchange = upstream
                 .send(
@@ -702,8 +714,9 @@ impl<'a> Ctx<'a> {
                         accept: session.header(Field::Accept),
                         user_agent: session.header(Field::UserAgent),
                         openai_beta: session.header(Field::OpenaiBeta),
-                        request_id: Some(access.request_id.as_bytes()),
+                        request_id: Some(access.request_id().as_bytes()),
                     },
+                    sent_at,
                     deadline,
                 )
                 .await;
@@ -729,7 +742,10 @@ impl<'a> Ctx<'a> {
                 let whole = upstream
                     .read_whole(exchange, deadline, USAGE_SCAN_LIMIT)
                     .await;
-                let took = sent_at.elapsed();
+                let took = match &whole {
+                    Ok(answer) => answer.at.saturating_duration_since(sent_at),
+                    Err(_) => sent_at.elapsed(),
+                };
                 access.upstream_time += took;
                 let failure = match whole {
                     Ok(answer) => match sluice_openai::json_answer(&answer.body) {
@@ -788,7 +804,7 @@ impl<'a> Ctx<'a> {
                 outcome.failure = Some(Failure::Protocol("unreadable error answer".into()));
                 continue;
             };
-            let took = sent_at.elapsed();
+            let took = error.at.saturating_duration_since(sent_at);
             self.gw.metrics.upstream(&deployment.id, status, took);
             access.upstream_time += took;
             let kind = classify_error(status, &error.body);
@@ -939,7 +955,7 @@ impl<'a> Ctx<'a> {
         let length = answer.body.len() as u64;
         head.own.push((header::CONTENT_LENGTH, Own::Number(length)));
         if let Err(e) = session.write_answer(&head, Some(&answer.body)).await {
-            log::debug!("request {}: answer not delivered: {e}", access.request_id);
+            log::debug!("request {}: answer not delivered: {e}", access.request_id());
         }
     }
 
@@ -968,7 +984,7 @@ impl<'a> Ctx<'a> {
                 Own::Value(theirs),
             ));
         }
-        if let Some(ours) = AnswerHead::text(&access.request_id) {
+        if let Some(ours) = AnswerHead::text(access.request_id()) {
             own.push((request_id, ours));
         }
         for (name, n) in rate.fields().into_iter().flatten() {
@@ -994,7 +1010,7 @@ impl<'a> Ctx<'a> {
     ) {
         log::debug!(
             "request {}: the client hung up mid-answer",
-            access.request_id
+            access.request_id()
         );
         let (Some(admitted), Some(relay)) = (admitted, sse) else {
             return; // settled already, or JSON: dropping a sent reservation keeps the estimate
@@ -1134,7 +1150,7 @@ impl<'a> Ctx<'a> {
             self.settle(a, usage_so_far(&sse_relay, &json_copy), ok, id, access);
         }
         let _ = session.write_body(tail, true).await;
-        let _ = upstream.release(exchange);
+        let _ = upstream.release(exchange, Instant::now());
     }
 }
 
@@ -1178,39 +1194,48 @@ impl Gateway {
     }
 
     /// One request on a connection Sluice's own HTTP/1.1 side serves (`downstream::h1`): reads
-    /// its head, answers it, and says what the connection does next.
-    pub(crate) async fn serve_h1(&self, conn: &mut h1::Conn, shutdown: &ShutdownWatch) -> Next {
+    /// its head, within `client_timeout` of `quiet_since` (when the connection opened or its
+    /// previous answer was written: a keep-alive connection's idle time counts, as in nginx's
+    /// `keepalive_timeout`, and no clock is read for it), answers it, and says what the
+    /// connection does next.
+    pub(crate) async fn serve_h1(
+        &self,
+        conn: &mut h1::Conn,
+        quiet_since: Instant,
+        shutdown: &ShutdownWatch,
+    ) -> Next {
         let client_timeout = self.state.load().config.server.client_timeout;
-        match tokio::time::timeout(client_timeout, conn.read_head()).await {
+        match tokio::time::timeout_at(quiet_since + client_timeout, conn.read_head()).await {
             Ok(Ok(h1::Head::Ready)) => {}
             Ok(Ok(h1::Head::Declined)) => return Next::Pingora,
             _ => return Next::Close,
         }
-        self.answer(&mut Client::H1(conn), shutdown).await;
+        let answered = self.answer(&mut Client::H1(conn), shutdown).await;
         if conn.finish().await {
-            Next::Another
+            Next::Another(answered)
         } else {
             Next::Close
         }
     }
 
-    /// Answers a request whose head was read.
-    async fn answer(&self, client: &mut Client<'_>, shutdown: &ShutdownWatch) {
+    /// Answers a request whose head was read; returns when the answer was written.
+    async fn answer(&self, client: &mut Client<'_>, shutdown: &ShutdownWatch) -> Instant {
         if *shutdown.borrow() {
             client.close_after();
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let st = self.state.load_full();
-        Ctx { gw: self, st: &st }.handle(client).await;
+        let answered = Ctx { gw: self, st: &st }.handle(client).await;
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        answered
     }
 }
 
 /// What a connection served by Sluice's HTTP/1.1 side does after [`Gateway::serve_h1`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Next {
-    /// Wait for another request.
-    Another,
+    /// Wait for another request; the answer was written at this instant.
+    Another(Instant),
     /// Close.
     Close,
     /// Go on with Pingora's session, which takes the request just declined.

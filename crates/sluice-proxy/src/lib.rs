@@ -8,7 +8,7 @@
 //! a 429 (DESIGN.md §1). With the body read up front, `ProxyHttp` would contribute nothing but
 //! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly: Sluice keeps
 //! Pingora's server, listeners, TLS, graceful shutdown/upgrade and its transport connector
-//! (TCP and TLS to upstreams), owns the fallback loop and body replay, and does not compile
+//! (TLS to upstreams; plain TCP ones are tokio sockets, `upstream::h1::Io` says why), owns the fallback loop and body replay, and does not compile
 //! `pingora-proxy`/`pingora-cache` at all. Plain HTTP/1 connections run their keep-alive loop
 //! in `Front` rather than Pingora's, calling the gateway without the trait, so a request's
 //! state lives in its connection's task instead of two boxes allocated per request; HTTP/2
@@ -26,8 +26,8 @@
 //! 295 misses of a 1 MiB cache; the module docs say what Pingora's session spent them on.
 //!
 //! # Why an HTTP/1.1 client of its own
-//! Upstream requests go through `upstream::h1`, a small HTTP/1.1 client on the connections
-//! Pingora's `TransportConnector` opens, with its own pool. Pingora's `HttpSession` sent a
+//! Upstream requests go through `upstream::h1`, a small HTTP/1.1 client on plain TCP sockets
+//! of its own or the TLS connections Pingora's `TransportConnector` opens, with its own pool. Pingora's `HttpSession` sent a
 //! request's header and body in two writes, kept a 64 KiB body buffer per connection and spawned
 //! a task per pooled connection; on the load bench replacing it took CPU per request from
 //! 43–48 µs to 31–36 µs and 1,000 open streams from 157 MB to 98 MB (the module docs say how).
@@ -433,15 +433,17 @@ impl Front {
 
     /// HTTP/1 on a plain connection: Sluice's own side request after request (keep-alive,
     /// `keepalive_request_limit`, none once shutting down), and from the first request it
-    /// declines on, Pingora's session.
+    /// declines on, Pingora's session. Each head's time limit counts from `quiet_since`: the
+    /// connection's opening, then the end of the previous answer.
     async fn serve_plain(
         &self,
         mut conn: downstream::h1::Conn,
+        mut quiet_since: tokio::time::Instant,
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::protocols::Stream> {
         loop {
-            match self.h1.0.serve_h1(&mut conn, shutdown).await {
-                gateway::Next::Another => {}
+            match self.h1.0.serve_h1(&mut conn, quiet_since, shutdown).await {
+                gateway::Next::Another(answered) => quiet_since = answered,
                 gateway::Next::Close => return None,
                 gateway::Next::Pingora => break,
             }
@@ -505,9 +507,11 @@ impl pingora_core::apps::ServerApp for Front {
             }
         };
         let mut conn = downstream::h1::Conn::new(tcp, self.h1.1.keepalive_request_limit);
+        // The connection's first clock read; the first head's time limit counts from here.
+        let opened = tokio::time::Instant::now();
         if let Some(h2c) = &self.h2c {
             let limit = self.h1.0.client_timeout();
-            match tokio::time::timeout(limit, conn.sniff_h2()).await {
+            match tokio::time::timeout_at(opened + limit, conn.sniff_h2()).await {
                 Ok(Ok(true)) => {
                     let (tcp, read) = conn.into_parts();
                     return h2c.process_new(plain_stream(tcp, &read), shutdown).await;
@@ -516,7 +520,7 @@ impl pingora_core::apps::ServerApp for Front {
                 _ => return None, // closed, or too slow to say even what protocol it speaks
             }
         }
-        self.serve_plain(conn, shutdown).await
+        self.serve_plain(conn, opened, shutdown).await
     }
 
     async fn cleanup(&self) {}

@@ -30,7 +30,7 @@ pub struct Upstream {
     pub deployment: Deployment,
     /// Which request fields it may see.
     pub policy: FieldPolicy,
-    peer: OnceLock<HttpPeer>,
+    peer: OnceLock<Peer>,
     /// The request-head fields every request to this deployment carries (`host`,
     /// `content-type`, the organization and the key), serialized once; an error when the
     /// configured key cannot be a header value.
@@ -38,8 +38,16 @@ pub struct Upstream {
     pool: Arc<h1::Pool>,
 }
 
-/// Upstream connections: Pingora's connector (TCP and TLS) and one pool of idle connections
-/// per upstream server. Both outlive config reloads, so a reload keeps warm connections.
+/// Where a deployment's connections go, resolved once.
+enum Peer {
+    /// Plain HTTP: the address, connected to with tokio (see [`h1::Io`] for why not Pingora).
+    Tcp(std::net::SocketAddr),
+    /// HTTPS: Pingora's peer (SNI, certificate checks), connected to through its connector.
+    Tls(Box<HttpPeer>),
+}
+
+/// Upstream connections: Pingora's connector (for TLS) and one pool of idle connections per
+/// upstream server. Both outlive config reloads, so a reload keeps warm connections.
 pub struct Connections {
     connector: TransportConnector,
     /// Pools by (`https`?, host, port).
@@ -56,6 +64,29 @@ impl Connections {
             connector: TransportConnector::new(None),
             pools: Mutex::new(HashMap::new()),
             shards: if per_worker { h1::POOL_SHARDS } else { 1 },
+        }
+    }
+
+    /// Opens a connection to `peer`, giving up after `limit`: plain TCP with tokio and
+    /// `TCP_NODELAY` (as Pingora's connector sets it: a request head and body leave in one
+    /// write, and nothing should wait for an ACK), TLS through Pingora's connector.
+    async fn connect(&self, peer: &Peer, limit: Duration) -> Result<h1::Conn, Failure> {
+        match peer {
+            Peer::Tcp(addr) => {
+                let failed = |why: String| Failure::Connect(format!("connecting to {addr}: {why}"));
+                let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(*addr))
+                    .await
+                    .map_err(|_| failed(format!("no connection after {} ms", limit.as_millis())))?
+                    .map_err(|e| failed(e.to_string()))?;
+                tcp.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
+                Ok(h1::Conn::new(tcp))
+            }
+            Peer::Tls(peer) => self
+                .connector
+                .new_stream(&**peer)
+                .await
+                .map(h1::Conn::new)
+                .map_err(|e| Failure::Connect(e.to_string())),
         }
     }
 
@@ -146,11 +177,23 @@ impl Exchange {
     /// [`Failure::Timeout`] after `idle`, [`Failure::Protocol`] when the body breaks off or its
     /// framing is malformed.
     pub async fn read_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, Failure> {
-        match tokio::time::timeout(idle, self.answer.read()).await {
-            Ok(read) => read.map_err(|e| Failure::Protocol(e.to_string())),
-            Err(_) => Err(Failure::Timeout),
+        match within(idle, self.answer.read()).await {
+            Some(read) => read.map_err(|e| Failure::Protocol(e.to_string())),
+            None => Err(Failure::Timeout),
         }
     }
+}
+
+/// `fut`, unless `limit` passes first (`None`): `tokio::time::timeout`, but the clock is read and
+/// a timer set only when `fut` is not ready on its first poll. A JSON answer's body usually
+/// arrives with its head, so reading it costs no clock read (~26 ns on this VM) and no timer.
+async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(out) = first {
+        return Some(out);
+    }
+    tokio::time::timeout(limit, fut).await.ok()
 }
 
 /// An error answer read whole (bounded), to inspect and maybe pass on.
@@ -159,6 +202,8 @@ pub struct UpstreamAnswer {
     pub head: Head,
     /// The body.
     pub body: Bytes,
+    /// When its last byte was read.
+    pub at: Instant,
 }
 
 impl UpstreamAnswer {
@@ -226,7 +271,7 @@ impl Upstream {
 
     /// The peer, resolving the host on first use. Resolution happens once per config load;
     /// the request path after that touches no lock and no DNS.
-    async fn peer(&self) -> Result<&HttpPeer, Failure> {
+    async fn peer(&self) -> Result<&Peer, Failure> {
         if let Some(p) = self.peer.get() {
             return Ok(p);
         }
@@ -236,11 +281,20 @@ impl Upstream {
             .map_err(|e| Failure::Connect(format!("resolving {}: {e}", b.host)))?
             .next()
             .ok_or_else(|| Failure::Connect(format!("{} has no address", b.host)))?;
-        let mut peer = HttpPeer::new(addr, b.tls, b.host.clone());
-        let d = &self.deployment;
-        peer.options.connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
-        peer.options.total_connection_timeout = Some(CONNECT_TIMEOUT.min(d.timeout));
+        let peer = if b.tls {
+            let mut peer = HttpPeer::new(addr, true, b.host.clone());
+            peer.options.connection_timeout = Some(self.connect_timeout());
+            peer.options.total_connection_timeout = Some(self.connect_timeout());
+            Peer::Tls(Box::new(peer))
+        } else {
+            Peer::Tcp(addr)
+        };
         Ok(self.peer.get_or_init(|| peer))
+    }
+
+    /// How long a connection (TCP and TLS) may take to open.
+    fn connect_timeout(&self) -> Duration {
+        CONNECT_TIMEOUT.min(self.deployment.timeout)
     }
 
     /// Serializes the request head for `endpoint` into `out`.
@@ -290,7 +344,8 @@ impl Upstream {
         Ok(())
     }
 
-    /// Sends `body` and waits for the response header, until `deadline`.
+    /// Sends `body` and waits for the response header, until `deadline`; `sent_at` is the
+    /// caller's clock read for this send.
     ///
     /// A pooled connection that turns out dead (the upstream closed it before answering) is
     /// replaced by a fresh one, transparently; a failure on a fresh connection is the
@@ -304,6 +359,7 @@ impl Upstream {
         endpoint: Endpoint,
         body: &Bytes,
         client: ClientHeaders<'_>,
+        sent_at: Instant,
         deadline: Instant,
     ) -> Result<Exchange, Failure> {
         let peer = self.peer().await?;
@@ -311,16 +367,15 @@ impl Upstream {
         self.write_head(&mut head, endpoint, body.len(), client)?;
         let attempt = async {
             loop {
-                let (conn, reused) = match self.pool.take() {
+                let (conn, reused) = match self.pool.take(sent_at) {
                     Some(conn) => (conn, true),
                     None => {
                         // Boxed: connecting (TLS included) is an 8 KB future, and inline it
                         // would make every request's task that much larger for the whole
                         // exchange, a stream's included; it runs once per connection.
-                        let io = Box::pin(connections.connector.new_stream(peer))
-                            .await
-                            .map_err(|e| Failure::Connect(e.to_string()))?;
-                        (h1::Conn::new(io), false)
+                        let conn =
+                            Box::pin(connections.connect(peer, self.connect_timeout())).await?;
+                        (conn, false)
                     }
                 };
                 match conn.exchange(&head, body).await {
@@ -338,10 +393,11 @@ impl Upstream {
     /// Returns the connection to the pool when the answer was read to its end (and the
     /// connection may carry another request), otherwise drops (closes) it; hands back the
     /// answer's head.
-    pub fn release(&self, exchange: Exchange) -> Head {
+    /// `now` is when the answer ended (the caller's clock read).
+    pub fn release(&self, exchange: Exchange, now: Instant) -> Head {
         let (head, conn) = exchange.answer.finish();
         if let Some(conn) = conn {
-            self.pool.put(conn);
+            self.pool.put(conn, now);
         }
         head
     }
@@ -391,8 +447,9 @@ impl Upstream {
         })
         .await
         .unwrap_or(Err(Failure::Timeout))?;
-        let head = self.release(exchange);
-        Ok(UpstreamAnswer { head, body })
+        let at = Instant::now();
+        let head = self.release(exchange, at);
+        Ok(UpstreamAnswer { head, body, at })
     }
 }
 

@@ -167,6 +167,9 @@ impl Router {
     /// Remaining cooldown of deployment `id`, if it is cooling down.
     pub fn cooldown(&self, id: &str) -> Option<Duration> {
         let until = self.health.get(id)?.cooldown_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return None; // never cooled down: no clock read (one per candidate otherwise)
+        }
         let now = self.now_ms();
         (until > now).then(|| Duration::from_millis(until - now))
     }
@@ -263,6 +266,19 @@ impl Router {
         budget: &dyn Budget,
         rng: &mut impl Rng,
     ) -> Option<Chain<'r>> {
+        self.chain_at(group, prompt_tokens, budget, rng, Instant::now())
+    }
+
+    /// [`Router::chain`] for a chain that starts at `now` (its deadline counts from there), for a
+    /// caller that has just read the clock.
+    pub fn chain_at<'r>(
+        &'r self,
+        group: &str,
+        prompt_tokens: u64,
+        budget: &dyn Budget,
+        rng: &mut impl Rng,
+        now: Instant,
+    ) -> Option<Chain<'r>> {
         let primary = self.group(group)?;
         let mut chain = Chain {
             router: self,
@@ -271,7 +287,7 @@ impl Router {
             seen: Vec::new(),
             attempts: 0,
             asked: false,
-            deadline: Instant::now() + self.timeout,
+            deadline: now + self.timeout,
             skipped: Vec::new(),
             prompt_tokens,
         };
