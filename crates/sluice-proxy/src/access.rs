@@ -196,7 +196,10 @@ impl<'a> Access<'a> {
         self.duration_ms = took.as_secs_f64() * 1000.0;
         match format {
             AccessLog::Off => {}
-            AccessLog::Json => crate::logging::access_line(|out| self.write_json(out)),
+            AccessLog::Json => {
+                let at = self.started + took;
+                crate::logging::access_line(at, |out| self.write_json(out));
+            }
             AccessLog::Text => {
                 let list = |items: Vec<String>| {
                     if items.is_empty() {
