@@ -8,11 +8,12 @@
 //! a 429 (DESIGN.md §1). With the body read up front, `ProxyHttp` would contribute nothing but
 //! its phases. So [`Gateway`] implements `pingora_core`'s `HttpServerApp` directly: Sluice keeps
 //! Pingora's server, listeners, TLS, graceful shutdown/upgrade and its transport connector
-//! (TLS to upstreams; plain TCP ones are tokio sockets, `upstream::h1::Io` says why), owns the fallback loop and body replay, and does not compile
-//! `pingora-proxy`/`pingora-cache` at all. Plain HTTP/1 connections run their keep-alive loop
-//! in `Front` rather than Pingora's, calling the gateway without the trait, so a request's
-//! state lives in its connection's task instead of two boxes allocated per request; HTTP/2
-//! and TLS take Pingora's loop, which calls the same code through `HttpServerApp`.
+//! (TLS to upstreams; plain TCP ones are tokio sockets, `upstream::h1::Io` says why), owns the
+//! fallback loop and body replay, and does not compile `pingora-proxy`/`pingora-cache` at all.
+//! Plain HTTP/1 connections run their keep-alive loop in `Front` rather than Pingora's, calling
+//! the gateway without the trait, so a request's state lives in its connection's task instead
+//! of two boxes allocated per request; HTTP/2 and TLS take Pingora's loop, which calls the same
+//! code through `HttpServerApp`.
 //!
 //! # Why an HTTP/1.1 server side of its own
 //! On a plain connection the common request (HTTP/1.1, a `Content-Length` or no body) is read
@@ -27,10 +28,11 @@
 //!
 //! # Why an HTTP/1.1 client of its own
 //! Upstream requests go through `upstream::h1`, a small HTTP/1.1 client on plain TCP sockets
-//! of its own or the TLS connections Pingora's `TransportConnector` opens, with its own pool. Pingora's `HttpSession` sent a
-//! request's header and body in two writes, kept a 64 KiB body buffer per connection and spawned
-//! a task per pooled connection; on the load bench replacing it took CPU per request from
-//! 43–48 µs to 31–36 µs and 1,000 open streams from 157 MB to 98 MB (the module docs say how).
+//! of its own or the TLS connections Pingora's `TransportConnector` opens, with its own pool.
+//! Pingora's `HttpSession` sent a request's header and body in two writes, kept a 64 KiB body
+//! buffer per connection and spawned a task per pooled connection; on the load bench replacing
+//! it took CPU per request from 43–48 µs to 31–36 µs and 1,000 open streams from 157 MB to
+//! 98 MB (the module docs say how).
 //!
 //! # One runtime per worker
 //! The binary's `server.threads` workers are Pingora's "no steal" runtimes, one single-threaded

@@ -79,13 +79,13 @@ impl Connections {
                     .map_err(|_| failed(format!("no connection after {} ms", limit.as_millis())))?
                     .map_err(|e| failed(e.to_string()))?;
                 tcp.set_nodelay(true).map_err(|e| failed(e.to_string()))?;
-                Ok(h1::Conn::new(tcp))
+                Ok(h1::Conn::new(h1::Io::Left(tcp)))
             }
             Peer::Tls(peer) => self
                 .connector
                 .new_stream(&**peer)
                 .await
-                .map(h1::Conn::new)
+                .map(|tls| h1::Conn::new(h1::Io::Right(tls)))
                 .map_err(|e| Failure::Connect(e.to_string())),
         }
     }

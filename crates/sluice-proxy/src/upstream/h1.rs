@@ -28,7 +28,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora_core::protocols::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::field_is;
@@ -91,88 +91,14 @@ impl H1Error {
     }
 }
 
-/// The transport under an upstream connection.
+/// The transport under an upstream connection: a plain TCP socket (`Left`, `TCP_NODELAY` set)
+/// or a connection Pingora's connector opened (`Right`, TLS).
 ///
 /// Plain HTTP runs on the tokio socket itself. Pingora's stream would wrap it in a buffered
 /// stream behind a `dyn` call per read and write, and time every read that waits (two clock
 /// reads, each ~26 ns on this VM, per wait); callgrind put its layers at ~1.3k instructions a
 /// request. TLS keeps Pingora's stream, whose handshake and session live in it.
-pub enum Io {
-    /// A plain TCP connection (`TCP_NODELAY` set).
-    Tcp(tokio::net::TcpStream),
-    /// A connection Pingora's connector opened (TLS).
-    Pingora(Stream),
-}
-
-impl From<tokio::net::TcpStream> for Io {
-    fn from(tcp: tokio::net::TcpStream) -> Self {
-        Self::Tcp(tcp)
-    }
-}
-
-impl From<Stream> for Io {
-    fn from(stream: Stream) -> Self {
-        Self::Pingora(stream)
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Pingora(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Pingora(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Self::Pingora(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Tcp(s) => s.is_write_vectored(),
-            Self::Pingora(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Self::Pingora(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Pingora(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+pub type Io = tokio_util::either::Either<tokio::net::TcpStream, Stream>;
 
 /// An open connection to an upstream and its read buffer.
 pub struct Conn {
@@ -182,9 +108,9 @@ pub struct Conn {
 
 impl Conn {
     /// Wraps a fresh connection.
-    pub fn new(io: impl Into<Io>) -> Self {
+    pub fn new(io: Io) -> Self {
         Self {
-            io: io.into(),
+            io,
             buf: BytesMut::new(),
         }
     }
@@ -713,7 +639,7 @@ mod tests {
         let client = here.block_on(tokio::net::TcpStream::connect(addr)).unwrap();
         let (_server_side, _) = listener.accept().unwrap(); // kept open: the connection is idle
         let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60), POOL_SHARDS));
-        pool.put(Conn::new(client), Instant::now());
+        pool.put(Conn::new(Io::Left(client)), Instant::now());
         let elsewhere = std::thread::spawn({
             let pool = pool.clone();
             move || {
@@ -750,7 +676,7 @@ mod tests {
         let pool = std::sync::Arc::new(Pool::new(8, Duration::from_secs(60), 1));
         {
             let _in_runtime = runtime.enter();
-            pool.put(Conn::new(client), Instant::now());
+            pool.put(Conn::new(Io::Left(client)), Instant::now());
         }
         let elsewhere = std::thread::spawn({
             let pool = pool.clone();
