@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::access::Outcome;
+use crate::alarm::Alarm;
 use crate::downstream::{h1, AnswerHead, Client, Field, KeyOwner, Own};
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, Route, ScopeKind};
@@ -1197,17 +1198,21 @@ impl Gateway {
     /// its head, within `client_timeout` of `quiet_since` (when the connection opened or its
     /// previous answer was written: a keep-alive connection's idle time counts, as in nginx's
     /// `keepalive_timeout`, and no clock is read for it), answers it, and says what the
-    /// connection does next.
+    /// connection does next. `alarm` is the connection's timer for that limit.
     pub(crate) async fn serve_h1(
         &self,
         conn: &mut h1::Conn,
+        alarm: &mut Alarm,
         quiet_since: Instant,
         shutdown: &ShutdownWatch,
     ) -> Next {
         let client_timeout = self.state.load().config.server.client_timeout;
-        match tokio::time::timeout_at(quiet_since + client_timeout, conn.read_head()).await {
-            Ok(Ok(h1::Head::Ready)) => {}
-            Ok(Ok(h1::Head::Declined)) => return Next::Pingora,
+        match alarm
+            .until(quiet_since + client_timeout, conn.read_head())
+            .await
+        {
+            Some(Ok(h1::Head::Ready)) => {}
+            Some(Ok(h1::Head::Declined)) => return Next::Pingora,
             _ => return Next::Close,
         }
         let answered = self.answer(&mut Client::H1(conn), shutdown).await;

@@ -66,6 +66,7 @@
 //! (`sluice`) and the end-to-end tests both start Sluice through it.
 
 mod access;
+mod alarm;
 mod downstream;
 mod gateway;
 mod limits;
@@ -443,8 +444,15 @@ impl Front {
         mut quiet_since: tokio::time::Instant,
         shutdown: &pingora_core::server::ShutdownWatch,
     ) -> Option<pingora_core::protocols::Stream> {
+        // The connection's head timer, set again for each request (see `alarm`).
+        let mut alarm = alarm::Alarm::default();
         loop {
-            match self.h1.0.serve_h1(&mut conn, quiet_since, shutdown).await {
+            match self
+                .h1
+                .0
+                .serve_h1(&mut conn, &mut alarm, quiet_since, shutdown)
+                .await
+            {
                 gateway::Next::Another(answered) => quiet_since = answered,
                 gateway::Next::Close => return None,
                 gateway::Next::Pingora => break,

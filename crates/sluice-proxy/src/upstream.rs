@@ -177,23 +177,11 @@ impl Exchange {
     /// [`Failure::Timeout`] after `idle`, [`Failure::Protocol`] when the body breaks off or its
     /// framing is malformed.
     pub async fn read_chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, Failure> {
-        match within(idle, self.answer.read()).await {
+        match self.answer.read_within(idle).await {
             Some(read) => read.map_err(|e| Failure::Protocol(e.to_string())),
             None => Err(Failure::Timeout),
         }
     }
-}
-
-/// `fut`, unless `limit` passes first (`None`): `tokio::time::timeout`, but the clock is read and
-/// a timer set only when `fut` is not ready on its first poll. A JSON answer's body usually
-/// arrives with its head, so reading it costs no clock read (~26 ns on this VM) and no timer.
-async fn within<F: std::future::Future>(limit: Duration, fut: F) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
-    if let std::task::Poll::Ready(out) = first {
-        return Some(out);
-    }
-    tokio::time::timeout(limit, fut).await.ok()
 }
 
 /// An error answer read whole (bounded), to inspect and maybe pass on.
@@ -365,29 +353,28 @@ impl Upstream {
         let peer = self.peer().await?;
         let mut head = Vec::with_capacity(512);
         self.write_head(&mut head, endpoint, body.len(), client)?;
-        let attempt = async {
-            loop {
-                let (conn, reused) = match self.pool.take(sent_at) {
-                    Some(conn) => (conn, true),
-                    None => {
-                        // Boxed: connecting (TLS included) is an 8 KB future, and inline it
-                        // would make every request's task that much larger for the whole
-                        // exchange, a stream's included; it runs once per connection.
-                        let conn =
-                            Box::pin(connections.connect(peer, self.connect_timeout())).await?;
-                        (conn, false)
-                    }
-                };
-                match conn.exchange(&head, body).await {
-                    Ok(answer) => return Ok(Exchange { answer }),
-                    Err(e) if reused && e.stale() => continue, // try the next, or a fresh one
-                    Err(e) => return Err(Failure::Protocol(e.to_string())),
+        loop {
+            let (conn, reused) = match self.pool.take(sent_at) {
+                Some(conn) => (conn, true),
+                None => {
+                    // Boxed: connecting (TLS included) is an 8 KB future, and inline it would
+                    // make every request's task that much larger for the whole exchange, a
+                    // stream's included; it runs once per connection.
+                    let connect = Box::pin(connections.connect(peer, self.connect_timeout()));
+                    let conn = timeout_at(deadline, connect)
+                        .await
+                        .unwrap_or(Err(Failure::Timeout))?;
+                    (conn, false)
                 }
+            };
+            // The wait for the answer runs on the connection's own timer (`crate::alarm`).
+            match conn.exchange(&head, body, deadline).await {
+                Ok(answer) => return Ok(Exchange { answer }),
+                Err(e) if reused && e.stale() => continue, // try the next, or a fresh one
+                Err(h1::H1Error::TimedOut) => return Err(Failure::Timeout),
+                Err(e) => return Err(Failure::Protocol(e.to_string())),
             }
-        };
-        timeout_at(deadline, attempt)
-            .await
-            .unwrap_or(Err(Failure::Timeout))
+        }
     }
 
     /// Returns the connection to the pool when the answer was read to its end (and the

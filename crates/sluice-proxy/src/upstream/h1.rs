@@ -31,6 +31,7 @@ use pingora_core::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use crate::alarm::Alarm;
 use crate::field_is;
 
 /// Room made for each read of an answer (SSE events and JSON answers are a few hundred bytes;
@@ -55,6 +56,8 @@ pub enum H1Error {
     ClosedBeforeAnswer,
     /// The peer spoke something that is not HTTP/1.1 as we accept it.
     Malformed(&'static str),
+    /// No answer head by the exchange's deadline.
+    TimedOut,
 }
 
 impl std::fmt::Display for H1Error {
@@ -63,6 +66,7 @@ impl std::fmt::Display for H1Error {
             Self::Io(e) => write!(f, "{e}"),
             Self::ClosedBeforeAnswer => f.write_str("connection closed before the answer"),
             Self::Malformed(why) => f.write_str(why),
+            Self::TimedOut => f.write_str("no answer by the deadline"),
         }
     }
 }
@@ -86,7 +90,7 @@ impl H1Error {
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::UnexpectedEof
             ),
-            Self::Malformed(_) => false,
+            Self::Malformed(_) | Self::TimedOut => false,
         }
     }
 }
@@ -104,6 +108,9 @@ pub type Io = tokio_util::either::Either<tokio::net::TcpStream, Stream>;
 pub struct Conn {
     io: Io,
     buf: BytesMut,
+    /// The timer bounding this connection's waits (the answer's head, each read of its body),
+    /// kept from one exchange to the next (see `crate::alarm`).
+    alarm: Alarm,
 }
 
 impl Conn {
@@ -112,15 +119,39 @@ impl Conn {
         Self {
             io,
             buf: BytesMut::new(),
+            alarm: Alarm::default(),
         }
     }
 
     /// Sends a request (its head, already serialized, and its body) in one write, then reads
-    /// the answer's head. The body is read afterwards through the returned [`Answer`].
+    /// the answer's head, both by `deadline`. The body is read afterwards through the returned
+    /// [`Answer`].
     ///
     /// # Errors
-    /// [`H1Error`] on a failed write or read, or a malformed answer.
-    pub async fn exchange(mut self, head: &[u8], body: &[u8]) -> Result<Answer, H1Error> {
+    /// [`H1Error::TimedOut`] past `deadline`; [`H1Error`] on a failed write or read, or a
+    /// malformed answer.
+    pub async fn exchange(
+        mut self,
+        head: &[u8],
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<Answer, H1Error> {
+        // The alarm is taken out for the wait (a pointer moved), which borrows the rest.
+        let mut alarm = std::mem::take(&mut self.alarm);
+        let answered = alarm.until(deadline, self.send(head, body)).await;
+        self.alarm = alarm;
+        let (head, framing, keep) = answered.ok_or(H1Error::TimedOut)??;
+        Ok(Answer {
+            conn: self,
+            head,
+            framing,
+            reusable: keep,
+            done: matches!(framing, Framing::Empty),
+        })
+    }
+
+    /// [`Conn::exchange`] but for the deadline: the write, and the answer's head read.
+    async fn send(&mut self, head: &[u8], body: &[u8]) -> Result<(Head, Framing, bool), H1Error> {
         self.io.write_all_buf(&mut Buf::chain(head, body)).await?;
         self.io.flush().await?;
         // The buffer is empty here: a connection is pooled only with nothing left over.
@@ -128,15 +159,8 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 any = true;
-                if let Some((head, framing, keep)) = parse_head(&mut self.buf)? {
-                    let done = matches!(framing, Framing::Empty);
-                    return Ok(Answer {
-                        conn: self,
-                        head,
-                        framing,
-                        reusable: keep,
-                        done,
-                    });
+                if let Some(answered) = parse_head(&mut self.buf)? {
+                    return Ok(answered);
                 }
                 if self.buf.len() > MAX_HEAD {
                     return Err(H1Error::Malformed("response header too large"));
@@ -218,6 +242,15 @@ impl Answer {
     /// Whether the body has been read to its end.
     pub fn done(&self) -> bool {
         self.done
+    }
+
+    /// [`Answer::read`], unless `idle` passes first (`None`); the clock is read, and the
+    /// connection's timer set, only when the read has to wait.
+    pub async fn read_within(&mut self, idle: Duration) -> Option<Result<Option<Bytes>, H1Error>> {
+        let mut alarm = std::mem::take(&mut self.conn.alarm);
+        let read = alarm.within(idle, self.read()).await;
+        self.conn.alarm = alarm;
+        read
     }
 
     /// The next piece of the body (a slice of the connection's buffer, not a copy), or `None`
