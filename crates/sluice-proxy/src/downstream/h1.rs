@@ -795,6 +795,17 @@ mod tests {
             ],
         };
         assert!(AnswerHead::text("bad\r\nx: y").is_none());
+        // Visible ASCII, space and tab only, wherever the byte is (the check has no early exit
+        // and runs 16 bytes a step: the long ones end past the first step).
+        assert!(AnswerHead::text(
+            " ~\tall the visible ones: !\"#$%&'()*+,-./09:;<=>?@AZ[\\]^_`az{|}"
+        )
+        .is_some());
+        for bad in ["\x7f", "\u{e9}", "\0", "\x1f"] {
+            assert!(AnswerHead::text(bad).is_none(), "{bad:?}");
+            let long = format!("{}{bad}", "a".repeat(40));
+            assert!(AnswerHead::text(&long).is_none(), "{long:?}");
+        }
         let expected = [
             "content-type: application/json",
             "openai-processing-ms: 12",
