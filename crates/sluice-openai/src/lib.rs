@@ -17,6 +17,6 @@ mod usage;
 mod props;
 
 pub use error::{ErrorBody, ErrorType};
-pub use filter::{DropReason, FieldPolicy, Verdict};
+pub use filter::{Allowlist, DropReason, FieldPolicy, Policy, Verdict};
 pub use request::{Dropped, Endpoint, ParseError, Request, Shaped};
 pub use usage::{json_answer, usage_of_json, SseRelay, Usage};

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::filter::{FieldPolicy, Verdict};
+use crate::filter::{field_label, FieldPolicy, Policy, Verdict};
 use crate::{Endpoint, Request};
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -116,6 +116,44 @@ proptest! {
             prop_assert_eq!(v, &input[k], "value of {} changed", k);
         }
         prop_assert_eq!(shaped.dropped.len(), input.len() - 1 - (output.len() - 1));
+    }
+
+    /// The compiled allow-list answers as the policy it came from, for every endpoint, for
+    /// names in the tables, in the policy's own lists, and in none; and so does shaping
+    /// through it (body and drops).
+    #[test]
+    fn the_compiled_allowlist_agrees_with_its_policy(
+        (text, _pretty) in request_object(),
+        openai in any::<bool>(),
+        reject_unknown in any::<bool>(),
+        extra in proptest::collection::vec(key(), 0..3),
+        drop in proptest::collection::vec(key(), 0..3),
+        names in proptest::collection::vec(prop_oneof![
+            key(),
+            prop::sample::select(crate::filter::CHAT_COMPLETIONS_FIELDS).prop_map(str::to_owned),
+            prop::sample::select(crate::filter::EMBEDDINGS_FIELDS).prop_map(str::to_owned),
+        ], 1..8),
+    ) {
+        let policy = FieldPolicy { openai, extra_allowed: extra, drop, reject_unknown };
+        let compiled = policy.compile();
+        for name in names.iter().chain(&policy.extra_allowed).chain(&policy.drop) {
+            for endpoint in Endpoint::ALL {
+                prop_assert_eq!(
+                    compiled.verdict(endpoint, name),
+                    policy.verdict(endpoint, name),
+                    "{} on {:?}", name, endpoint
+                );
+            }
+            prop_assert_eq!(compiled.label(name), field_label(name));
+        }
+        let req = Request::parse(Endpoint::ChatCompletions, Bytes::from(text)).unwrap();
+        match (req.shape("m", &policy), req.shape("m", &compiled)) {
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(a.body, b.body);
+                prop_assert_eq!(a.dropped, b.dropped);
+            }
+            (a, b) => prop_assert_eq!(a.err(), b.err()),
+        }
     }
 
     /// Fuzz-style: arbitrary bytes, and valid requests with bytes flipped, never panic; what

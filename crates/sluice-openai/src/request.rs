@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::filter::{FieldPolicy, Verdict};
+use crate::filter::{Policy, Verdict};
 
 /// Largest `max_tokens` accepted. No model has a context anywhere near this; a larger value
 /// is a client bug, and letting it through would make the token reservation meaningless.
@@ -31,6 +31,22 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// How many endpoints there are.
+    pub const COUNT: usize = 3;
+
+    /// Every endpoint, in [`Endpoint::index`] order.
+    pub const ALL: [Self; Self::COUNT] =
+        [Self::ChatCompletions, Self::Completions, Self::Embeddings];
+
+    /// A dense index, below [`Endpoint::COUNT`], for per-endpoint tables.
+    pub fn index(self) -> usize {
+        match self {
+            Self::ChatCompletions => 0,
+            Self::Completions => 1,
+            Self::Embeddings => 2,
+        }
+    }
+
     /// Matches a request path, with or without the `/v1` prefix (OpenAI clients configured
     /// with a bare base URL send the latter).
     pub fn from_path(path: &str) -> Option<Self> {
@@ -340,7 +356,7 @@ impl Request {
     ///
     /// # Errors
     /// [`ParseError::UnknownField`] when `policy` rejects unknown fields and one is present.
-    pub fn shape(&self, upstream_model: &str, policy: &FieldPolicy) -> Result<Shaped, ParseError> {
+    pub fn shape(&self, upstream_model: &str, policy: &impl Policy) -> Result<Shaped, ParseError> {
         let options_allowed = policy.verdict(self.endpoint, "stream_options") == Verdict::Keep;
         let inject = self.stream
             && self.endpoint != Endpoint::Embeddings
@@ -361,7 +377,7 @@ impl Request {
                 Verdict::Keep => {}
                 Verdict::Drop(reason) => {
                     dropped.push(Dropped {
-                        label: crate::filter::field_label(key),
+                        label: policy.label(key),
                         reason,
                     });
                     continue;
@@ -603,6 +619,8 @@ impl fmt::Display for DuplicateKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::filter::FieldPolicy;
 
     /// A policy that keeps every field of these tests.
     fn open_policy() -> FieldPolicy {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use pingora_core::connectors::TransportConnector;
 use pingora_core::upstreams::peer::HttpPeer;
 use sluice_config::{Deployment, Provider};
-use sluice_openai::{Endpoint, FieldPolicy};
+use sluice_openai::{Allowlist, Endpoint, FieldPolicy};
 use tokio::time::{timeout_at, Instant};
 
 mod h1;
@@ -28,8 +28,8 @@ const DRAIN_LIMIT: usize = 64 * 1024;
 pub struct Upstream {
     /// The deployment it came from.
     pub deployment: Deployment,
-    /// Which request fields it may see.
-    pub policy: FieldPolicy,
+    /// Which request fields it may see (compiled for the request path).
+    pub policy: Allowlist,
     peer: OnceLock<Peer>,
     /// The request-head fields every request to this deployment carries (`host`,
     /// `content-type`, the organization and the key), serialized once; an error when the
@@ -245,7 +245,8 @@ impl Upstream {
             extra_allowed: deployment.extra_allowed_fields.clone(),
             drop: deployment.drop_fields.clone(),
             reject_unknown: reject_unknown_fields,
-        };
+        }
+        .compile();
         let fixed_fields = fixed_fields(&deployment, &host_header);
         let pool = connections.pool(&deployment);
         Self {
