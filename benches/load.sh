@@ -27,6 +27,8 @@
 #           per request the instructions, the data reads and writes that miss L1, and those
 #           that miss the 1 MiB level. Counts, not seconds: the same on a busy machine, so a
 #           change can be judged where wall-clock runs are too noisy (needs valgrind).
+#           PROFILE_OUT=dir keeps the dumps there (callgrind.8, callgrind.256) for
+#           callgrind_annotate.
 # CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
 # and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
 # in the throughput runs.
@@ -396,5 +398,9 @@ if [[ " $PHASES " == *" profile "* ]]; then
       /^summary:/ {printf "%6d %14.0f %14.0f %14.0f\n", c, $(col["Ir"] + 1) / n,
         ($(col["D1mr"] + 1) + $(col["D1mw"] + 1)) / n, ($(col["DLmr"] + 1) + $(col["DLmw"] + 1)) / n}' \
       "$(ls -t "$work"/callgrind.out* | grep -v '\.out$' | head -1)"
+    if [ -n "${PROFILE_OUT:-}" ]; then
+      mkdir -p "$PROFILE_OUT"
+      cp "$(ls -t "$work"/callgrind.out* | grep -v '\.out$' | head -1)" "$PROFILE_OUT/callgrind.$conns"
+    fi
   done
 fi
