@@ -71,6 +71,19 @@ impl Alarm {
     }
 }
 
+/// `fut`'s output, or `None` when `at` passes first: `tokio::time::timeout_at` for a wait
+/// without an [`Alarm`] at hand, but the timer is made only when `fut` is not ready on its first
+/// poll. (A `Timeout` makes its `Sleep` up front, which clones the runtime's handle: two atomic
+/// operations on a count every worker thread shares, even when nothing waits, as for a request
+/// body that came with its head.)
+pub(crate) async fn by<F: Future>(at: Instant, fut: F) -> Option<F::Output> {
+    let mut fut = pin!(fut);
+    if let Poll::Ready(out) = poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Some(out);
+    }
+    tokio::time::timeout_at(at, fut).await.ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +129,19 @@ mod tests {
         // A deadline already past: the wait ends at once.
         assert_eq!(alarm.until(start, never()).await, None);
         assert_eq!(start.elapsed(), Duration::from_secs(240));
+    }
+
+    /// The one-off deadline: what is ready at once is taken even past the deadline (as
+    /// `timeout_at` does), what waits ends at the deadline or with its output.
+    #[tokio::test(start_paused = true)]
+    async fn a_one_off_deadline_bounds_only_what_waits() {
+        let start = Instant::now();
+        assert_eq!(by(start, async { 1 }).await, Some(1));
+        let later = start + Duration::from_secs(3);
+        assert_eq!(by(later, std::future::pending::<()>()).await, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        let sleep = tokio::time::sleep(Duration::from_secs(1));
+        assert_eq!(by(later + Duration::from_secs(5), sleep).await, Some(()));
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
     }
 }

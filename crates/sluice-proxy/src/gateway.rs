@@ -591,13 +591,14 @@ impl<'a> Ctx<'a> {
             return Err(Rejection::UnsupportedMediaType);
         }
         // The body's time counts from the request's start (a clock read saved; what comes
-        // before the body is read takes microseconds).
-        let body = tokio::time::timeout_at(
+        // before the body is read takes microseconds). No timer unless the body has to be
+        // waited for (it usually came with the head).
+        let body = crate::alarm::by(
             access.started() + self.st.config.server.client_timeout,
             read_body(session, self.st.config.server.max_body_bytes),
         )
         .await
-        .map_err(|_| {
+        .ok_or_else(|| {
             session.close_after();
             Rejection::RequestTimeout
         })??;
