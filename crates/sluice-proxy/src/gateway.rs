@@ -16,6 +16,7 @@ use sluice_config::{Config, KeyDigest, VirtualKey};
 use sluice_openai::{Endpoint, Request, SseRelay};
 use sluice_ratelimit::{Admitted, Kind, LimitHandle, Limiter};
 use sluice_router::{Budget, Reason, Router, Skip};
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use crate::access::Access;
@@ -652,11 +653,13 @@ impl<'a> Ctx<'a> {
                 Caller::Key(_, i) => self.st.scopes.key(i, candidate.group),
                 Caller::Admin => &[],
             };
-            let handles: Vec<&LimitHandle> = key_scopes
+            // Inline: a key's and a deployment's limits are two each (tpm, rpm), so four in
+            // all but for a key with per-group limits; no allocation per candidate.
+            let handles: SmallVec<[&LimitHandle; 4]> = key_scopes
                 .iter()
                 .chain(self.st.scopes.deployment(&deployment.id))
                 .collect();
-            let costs: Vec<(&LimitHandle, u64)> = handles
+            let costs: SmallVec<[(&LimitHandle, u64); 4]> = handles
                 .iter()
                 .map(|h| match h.spec().kind {
                     Kind::Tokens => (*h, tokens),
