@@ -34,18 +34,16 @@ pub enum Route {
 
 impl Route {
     /// How many routes there are (`index` is below this).
-    const COUNT: usize = 7;
+    const COUNT: usize = Endpoint::COUNT + 4;
 
-    /// A dense index, for per-route arrays.
+    /// A dense index, for per-route arrays: the endpoints' own, then the other routes.
     fn index(self) -> usize {
         match self {
-            Self::Api(Endpoint::ChatCompletions) => 0,
-            Self::Api(Endpoint::Completions) => 1,
-            Self::Api(Endpoint::Embeddings) => 2,
-            Self::Models => 3,
-            Self::Health => 4,
-            Self::Metrics => 5,
-            Self::Other => 6,
+            Self::Api(e) => e.index(),
+            Self::Models => Endpoint::COUNT,
+            Self::Health => Endpoint::COUNT + 1,
+            Self::Metrics => Endpoint::COUNT + 2,
+            Self::Other => Endpoint::COUNT + 3,
         }
     }
 

@@ -412,7 +412,9 @@ impl Upstream {
         deadline: Instant,
         limit: usize,
     ) -> Result<UpstreamAnswer, Failure> {
-        let body = timeout_at(deadline, async {
+        // No timer for the deadline unless the body has to be waited for: it usually came with
+        // the head (each read's own idle limit is on the connection's alarm).
+        let body = crate::alarm::by(deadline, async {
             let mut body = bytes::BytesMut::new();
             loop {
                 match exchange.read_chunk(self.deployment.stream_timeout).await? {
