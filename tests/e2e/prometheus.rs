@@ -26,12 +26,8 @@ async fn prometheus_scrapes_sluice() {
         let resp = s.chat(chat("g")).await;
         assert_eq!(resp.status(), 200);
     }
-    let dir = std::env::temp_dir().join(format!(
-        "sluice-prometheus-{}-{}",
-        std::process::id(),
-        s.addr.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Declared before the Prometheus guard, so removed after Prometheus is stopped.
+    let dir = sluice_testkit::ScratchDir::new("prometheus").unwrap();
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,

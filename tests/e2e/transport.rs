@@ -3,20 +3,22 @@
 
 use std::process::Command;
 
-use sluice_testkit::{MockConfig, MockUpstream};
+use sluice_testkit::{MockConfig, MockUpstream, ScratchDir};
 
 use crate::common::{deployment, Sluice};
 
 /// Runs curl (see [`sluice_testkit::curl`]), failing the test when it fails.
 fn curl(args: &[&str]) -> (String, String) {
-    let dir = sluice_testkit::scratch_dir("curl").unwrap();
+    let dir = ScratchDir::new("curl").unwrap();
     sluice_testkit::curl(&dir, args).unwrap()
 }
 
-/// A self-signed certificate for localhost and 127.0.0.1: (cert, key).
-fn self_signed() -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = sluice_testkit::scratch_dir("tls").unwrap();
-    sluice_testkit::self_signed_cert(&dir).unwrap()
+/// A self-signed certificate for localhost and 127.0.0.1: (cert, key), in the directory
+/// returned with them, which must outlive their use.
+fn self_signed() -> (ScratchDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = ScratchDir::new("tls").unwrap();
+    let (cert, key) = sluice_testkit::self_signed_cert(&dir).unwrap();
+    (dir, cert, key)
 }
 
 const BODY: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
@@ -58,7 +60,7 @@ async fn without_h2c_http1_is_served_and_http2_prior_knowledge_is_not() {
     let post = |body: &'static str, h2: bool| {
         let url = url.clone();
         tokio::task::spawn_blocking(move || {
-            let dir = sluice_testkit::scratch_dir("curl").unwrap();
+            let dir = ScratchDir::new("curl").unwrap();
             let mut args = vec!["-H", "content-type: application/json", "-d", body, &url];
             if h2 {
                 args.insert(0, "--http2-prior-knowledge");
@@ -86,7 +88,7 @@ async fn without_h2c_http1_is_served_and_http2_prior_knowledge_is_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_the_listener_with_http2_by_alpn() {
-    let (cert, key) = self_signed();
+    let (_certs, cert, key) = self_signed();
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
     let yaml = format!(
         "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",
@@ -144,7 +146,7 @@ async fn tls_on_the_listener_with_http2_by_alpn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_certificates_are_verified() {
     // A TLS "provider" with a self-signed certificate: another Sluice's HTTPS listener.
-    let (cert, key) = self_signed();
+    let (_certs, cert, key) = self_signed();
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
     let provider = Sluice::start(&format!(
         "model_list:\n{}server: {{tls: {{cert: '{}', key: '{}'}}}}\n",

@@ -5,6 +5,8 @@
 
 use std::process::Command;
 
+use sluice_testkit::ScratchDir;
+
 fn sluice(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
@@ -18,12 +20,13 @@ fn sluice(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sluice-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// Writes `text` to `name` in a directory of its own, returned with the path: the file lives
+/// as long as the directory.
+fn write(name: &str, text: &str) -> (ScratchDir, std::path::PathBuf) {
+    let dir = ScratchDir::new("cli").unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    (dir, path)
 }
 
 #[test]
@@ -39,7 +42,7 @@ fn check_accepts_a_good_config() {
 
 #[test]
 fn check_names_every_bad_key_and_exits_64() {
-    let bad = write(
+    let (_dir, bad) = write(
         "bad.yaml",
         "model_lsit: []\nmodel_list:\n  - model_name: a\n    litellm_params: {model: openai/x, api_base: 'http://h/v1'}\n  - model_name: b\n    litellm_params: {model: openai/x, api_base: 'http://h/v1'}\n  - model_name: c\n    litellm_params: {model: openai/x, api_base: 'http://h/v1', tpm: many}\n",
     );
@@ -64,14 +67,14 @@ fn a_missing_file_or_bad_config_refuses_to_serve() {
         err.contains("cannot read /nonexistent/sluice.yaml"),
         "{err}"
     );
-    let bad = write("serve-bad.yaml", "model_list: []\n");
+    let (_dir, bad) = write("serve-bad.yaml", "model_list: []\n");
     let (code, _, err) = sluice(&["--config", bad.to_str().unwrap(), "--port", "1"]);
     assert_eq!(code, 64, "serving must not start on a bad config: {err}");
 }
 
 #[test]
 fn secrets_do_not_appear_in_check_output() {
-    let cfg = write(
+    let (_dir, cfg) = write(
         "secret.yaml",
         "model_list:\n  - model_name: a\n    litellm_params: {model: openai/x, api_key: sk-very-secret-upstream}\ngeneral_settings: {master_key: sk-very-secret-master}\nkeys: [{key: sk-very-secret-client}]\nbogus: 1\n",
     );

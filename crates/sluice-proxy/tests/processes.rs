@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use sluice_testkit::{free_port, Fault, MockConfig, MockUpstream, RedisServer};
+use sluice_testkit::{free_port, Fault, MockConfig, MockUpstream, RedisServer, ScratchDir};
 use tokio::time::Instant;
 
 /// Seconds per window in these tests.
@@ -23,6 +23,11 @@ const COST: u64 = 15;
 struct Replica {
     child: Child,
     port: u16,
+    /// The config file it was started with (rewritten by the reload tests).
+    config: PathBuf,
+    /// Holds the config and the log; removed after the process is stopped (`Drop` below runs
+    /// before the fields are dropped).
+    _dir: ScratchDir,
 }
 
 impl Replica {
@@ -37,8 +42,7 @@ impl Replica {
 
     /// Spawns with `RUST_LOG=log` and `env` added, returning the path stderr goes to.
     fn spawn_with(config: &str, tag: &str, log: &str, env: &[(&str, &str)]) -> (Self, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("sluice-replicas-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new(&format!("replica-{tag}")).unwrap();
         let port = free_port().unwrap();
         let path: PathBuf = dir.join(format!("{tag}-{port}.yaml"));
         std::fs::write(&path, config).unwrap();
@@ -57,7 +61,13 @@ impl Replica {
             .stderr(log_file)
             .spawn()
             .unwrap();
-        (Self { child, port }, log_path)
+        let replica = Self {
+            child,
+            port,
+            config: path,
+            _dir: dir,
+        };
+        (replica, log_path)
     }
 
     fn url(&self, path: &str) -> String {
@@ -634,16 +644,18 @@ async fn upstream_faults_and_hang_ups_leak_no_connections() {
 /// Three masters, slots spread by `redis-cli --cluster create`.
 struct RedisCluster {
     nodes: Vec<RedisServer>,
+    /// The nodes' working directories; removed after the nodes are stopped (fields are
+    /// dropped in order).
+    _dir: ScratchDir,
 }
 
 impl RedisCluster {
     fn start() -> Self {
-        let base = std::env::temp_dir().join(format!("sluice-cluster-{}", std::process::id()));
+        let base = ScratchDir::new("cluster").unwrap();
         let nodes: Vec<RedisServer> = (0..3)
             .map(|i| {
                 let dir = base.join(format!("n{i}"));
                 std::fs::create_dir_all(&dir).unwrap();
-                let _ = std::fs::remove_file(dir.join("nodes.conf"));
                 RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
@@ -671,7 +683,7 @@ impl RedisCluster {
             "{}",
             String::from_utf8_lossy(&out.stdout)
         );
-        Self { nodes }
+        Self { nodes, _dir: base }
     }
 
     fn url(&self) -> String {
@@ -928,9 +940,7 @@ async fn sighup_reloads_and_a_broken_config_leaves_the_old_one_serving() {
         Replica::spawn_logging(&lifecycle_config(&up.base_url(), &["a"], ""), "hup", "info");
     replica.wait_for("ready", |_| true).await;
     let pid = replica.child.id();
-    let path = std::env::temp_dir()
-        .join(format!("sluice-replicas-{}", std::process::id()))
-        .join(format!("hup-{}.yaml", replica.port));
+    let path = replica.config.clone();
     let ask = |group: &'static str| {
         replica
             .chat(format!(r#"{{"model":"{group}","messages":[]}}"#))
@@ -974,9 +984,7 @@ async fn admin_reload_needs_the_master_key() {
     let keys = "general_settings: {master_key: sk-admin}\nkeys: [{key: sk-user}]\n";
     let replica = Replica::spawn(&lifecycle_config(&up.base_url(), &["a"], keys), "admin");
     replica.wait_for("ready", |_| true).await;
-    let path = std::env::temp_dir()
-        .join(format!("sluice-replicas-{}", std::process::id()))
-        .join(format!("admin-{}.yaml", replica.port));
+    let path = replica.config.clone();
     std::fs::write(&path, lifecycle_config(&up.base_url(), &["a", "c"], keys)).unwrap();
     let reload = |key: &'static str| {
         client()
@@ -1008,8 +1016,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     .unwrap();
     // Verify checks that ExecStart exists: point it at the binary this build made.
     let unit = unit.replace("/usr/local/bin/sluice", env!("CARGO_BIN_EXE_sluice"));
-    let dir = std::env::temp_dir().join(format!("sluice-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("unit").unwrap();
     let path = dir.join("sluice.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new("systemd-analyze")
@@ -1031,7 +1038,7 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
 /// certificate through `SSL_CERT_FILE`, so the upstream TLS path carries real traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_and_https_upstream_under_one_runtime_per_worker() {
-    let dir = sluice_testkit::scratch_dir("tls-processes").unwrap();
+    let dir = ScratchDir::new("tls-processes").unwrap();
     let (cert, key) = sluice_testkit::self_signed_cert(&dir).unwrap();
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let up = MockUpstream::start(MockConfig::default()).await.unwrap();
@@ -1046,7 +1053,7 @@ async fn tls_listener_and_https_upstream_under_one_runtime_per_worker() {
     );
     let https = format!("https://127.0.0.1:{}", provider.port);
     let curl = |args: Vec<String>| {
-        let dir = dir.clone();
+        let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             sluice_testkit::curl(&dir, &args)

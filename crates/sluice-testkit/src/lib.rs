@@ -6,7 +6,8 @@
 //!   strict field checking, a pause mid-stream) and recording every request it receives so
 //!   tests can assert who was called, how often, with what.
 //! - [`RedisServer`]: a real `redis-server` on a free loopback port, stopped on drop.
-//! - [`self_signed_cert`] and [`curl`]: a certificate from `openssl` and a TLS/HTTP/2 client.
+//! - [`self_signed_cert`] and [`curl`]: a certificate from `openssl` and a TLS/HTTP/2 client;
+//!   [`ScratchDir`]: a test's own temp directory, removed on drop.
 //!
 //! The upstream providers are the one thing Sluice's tests fake; Redis is always real.
 
@@ -16,4 +17,4 @@ mod tools;
 
 pub use mock::{Fault, MockConfig, MockUpstream, Recorded};
 pub use redis::{free_port, RedisServer};
-pub use tools::{curl, scratch_dir, self_signed_cert};
+pub use tools::{curl, self_signed_cert, ScratchDir};

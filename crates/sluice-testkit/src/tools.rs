@@ -6,18 +6,49 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A directory of its own under the system temp dir, for one test's files.
-///
-/// # Errors
-/// When it cannot be created.
-pub fn scratch_dir(tag: &str) -> io::Result<PathBuf> {
-    use std::hash::{BuildHasher, Hasher};
-    let unique = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let dir = std::env::temp_dir().join(format!("sluice-{tag}-{}-{unique:x}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A directory of its own under the system temp dir, for one test's files; removed, with
+/// everything in it, when dropped (a test that fails still cleans up: its values are dropped
+/// while the panic unwinds). Derefs to its [`Path`].
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// Creates `sluice-{tag}-{pid}-{random}` under the temp dir.
+    ///
+    /// # Errors
+    /// When it cannot be created.
+    pub fn new(tag: &str) -> io::Result<Self> {
+        use std::hash::{BuildHasher, Hasher};
+        let unique = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let dir =
+            std::env::temp_dir().join(format!("sluice-{tag}-{}-{unique:x}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        // Best effort: a file a child process still holds open is removed all the same on
+        // Linux; nothing else can make this fail in a directory of our own.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn failed(what: &str, out: &std::process::Output) -> io::Error {
