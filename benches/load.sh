@@ -12,9 +12,12 @@
 # Each (target, connections) pair runs ROUNDS times, alternating targets. Prints a table of
 # requests/s, p50 and p99, the ratio Sluice/nginx, CPU per request of Sluice and of nginx (user
 # and kernel apart: utime and stime), and Redis commands per request. Then (PHASES, default
-# "throughput fixed stream"):
+# "throughput fixed serial stream"):
 #   fixed   oha at a fixed rate (RATE=2000/s, FIXED_SECONDS=10) against the upstream directly,
 #           through nginx and through Sluice: added latency is the difference of p50 and p99.
+#   serial  SERIAL_REQUESTS=5000 requests one after another on one connection, to the same
+#           three: what a proxy adds to one request's round trip, without oha's rate schedule
+#           (whose own timing moves the direct run's p50 by tens of µs from run to run).
 #   stream  STREAMS=1000 concurrent SSE streams of 100 chunks (20 ms apart) from sluice-mock
 #           through Sluice: how many completed, their p50/p99 duration, Sluice's peak RSS.
 #   soak    oha at SOAK_RATE/s for SOAK_MINUTES minutes (PHASES=soak), a line per minute:
@@ -44,7 +47,8 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-"64 256"}
 ROUNDS=${ROUNDS:-2}
 THREADS=${THREADS:-2}
-PHASES=${PHASES:-"throughput fixed stream"}
+PHASES=${PHASES:-"throughput fixed serial stream"}
+SERIAL_REQUESTS=${SERIAL_REQUESTS:-5000}
 RATE=${RATE:-2000}
 FIXED_SECONDS=${FIXED_SECONDS:-10}
 STREAMS=${STREAMS:-1000}
@@ -53,7 +57,7 @@ SOAK_MINUTES=${SOAK_MINUTES:-10}
 for tool in nginx wrk redis-server redis-cli; do
   command -v "$tool" >/dev/null || { echo "load bench: $tool is missing" >&2; exit 1; }
 done
-if [[ "$PHASES" =~ fixed|stream|soak ]] && ! command -v oha >/dev/null; then
+if [[ "$PHASES" =~ fixed|serial|stream|soak ]] && ! command -v oha >/dev/null; then
   echo "load bench: oha is missing (cargo install oha --locked)" >&2; exit 1
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -303,6 +307,25 @@ if [[ " $PHASES " == *" fixed "* ]]; then
     if [ "$target" = sluice ]; then # a round done: what each proxy adds to its direct run
       for proxy in nginx sluice; do
         echo "  $proxy adds: p50 $(( ${fixed_p50[$proxy]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[$proxy]} - ${fixed_p99[direct]} )) µs"
+      done
+    fi
+  done 2>&1
+fi
+
+if [[ " $PHASES " == *" serial "* ]]; then
+  echo
+  echo "serial: $SERIAL_REQUESTS requests one at a time on one connection"
+  declare -A serial_p50 serial_p99
+  for target in direct nginx sluice direct nginx sluice; do
+    case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
+    oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/serial.json" \
+      -n "$SERIAL_REQUESTS" -c 1
+    read -r n e a b < <(oha_summary "$work/serial.json")
+    echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
+    serial_p50[$target]=$a; serial_p99[$target]=$b
+    if [ "$target" = sluice ]; then
+      for proxy in nginx sluice; do
+        echo "  $proxy adds: p50 $(( ${serial_p50[$proxy]} - ${serial_p50[direct]} )) µs, p99 $(( ${serial_p99[$proxy]} - ${serial_p99[direct]} )) µs"
       done
     fi
   done 2>&1
