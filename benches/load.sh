@@ -32,6 +32,15 @@
 #           change can be judged where wall-clock runs are too noisy (needs valgrind).
 #           PROFILE_OUT=dir keeps the dumps there (callgrind.8, callgrind.256) for
 #           callgrind_annotate.
+#   paired  (PHASES=paired) wrk against nginx and against Sluice at the same time, PAIRED_CONNS
+#           (default "32 128") connections each, ROUNDS rounds of DURATION: each one's requests/s
+#           and CPU per request. A shared VM's speed drifts between the alternating runs above;
+#           run at once, both see the same machine, so the CPU ratio is the steadier comparison
+#           (the requests/s ratio also says how the kernel shared the cores between them).
+#   ab      (PHASES=ab) the same with two Sluices, A (SLUICE_BIN) and B (SLUICE_BIN_B, default the
+#           same binary; SLUICE_LOG_B its RUST_LOG; SLUICE_SERVER_B YAML lines added under B's
+#           `server:`, e.g. "  access_log: off"): B's CPU per request over A's, per round and
+#           the median. Judges a change or prices a feature; A against itself spreads ±3 %.
 # CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
 # and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
 # in the throughput runs.
@@ -160,6 +169,17 @@ server:
 EOF
 RUST_LOG=${SLUICE_LOG:-warn,sluice::access=info} ${SLUICE_WRAP:-} "$SLUICE_BIN" --config "$work/sluice.yaml" --port "$SLUICE" \
   --upgrade-sock "$work/upgrade.sock" 2> "$work/access.log" & sluice_pid=$!; pids+=($sluice_pid)
+if [[ " $PHASES " == *" ab "* ]]; then
+  SLUICE_BIN_B=${SLUICE_BIN_B:-$SLUICE_BIN}
+  SLUICE_B=$(free_port)
+  # `server:` is the config's last block: B's lines are appended to it.
+  { cat "$work/sluice.yaml"; [ -z "${SLUICE_SERVER_B:-}" ] || printf '%s\n' "$SLUICE_SERVER_B"; } \
+    > "$work/sluice-b.yaml"
+  RUST_LOG=${SLUICE_LOG_B:-${SLUICE_LOG:-warn,sluice::access=info}} "$SLUICE_BIN_B" --config "$work/sluice-b.yaml" \
+    --port "$SLUICE_B" --upgrade-sock "$work/upgrade-b.sock" 2> "$work/access-b.log" & sluice_b_pid=$!
+  pids+=($sluice_b_pid)
+  echo "load bench: Sluice B is $SLUICE_BIN_B${SLUICE_SERVER_B:+, server: + $SLUICE_SERVER_B}" >&2
+fi
 
 # A ~1.5 KB chat request, with one field the allow-list drops.
 content=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 30)[:1300])')
@@ -187,13 +207,16 @@ wrk.headers["X-Stainless-Read-Timeout"] = "600"
 EOF
 fi
 
-for port in "$UPSTREAM" "$PROXY" "$SLUICE"; do
+for port in "$UPSTREAM" "$PROXY" "$SLUICE" ${SLUICE_B:-}; do
   for _ in $(seq 600); do curl -fsS -o /dev/null "http://127.0.0.1:$port/health/readiness" -X GET 2>/dev/null && break
-    curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && [ "$port" != "$SLUICE" ] && break; sleep 0.1; done
+    curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && [ "$port" != "$SLUICE" ] && [ "$port" != "${SLUICE_B:-}" ] && break
+    sleep 0.1; done
 done
-check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$SLUICE/v1/chat/completions" \
-  -H 'authorization: Bearer sk-bench' -H 'content-type: application/json' --data-binary @"$work/body.json")
-[ "$check" = 200 ] || { echo "load bench: Sluice answered $check" >&2; cat "$work/access.log" >&2; exit 1; }
+for port in "$SLUICE" ${SLUICE_B:-}; do
+  check=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v1/chat/completions" \
+    -H 'authorization: Bearer sk-bench' -H 'content-type: application/json' --data-binary @"$work/body.json")
+  [ "$check" = 200 ] || { echo "load bench: Sluice on $port answered $check" >&2; cat "$work"/access*.log >&2; exit 1; }
+done
 
 # CPU ticks of a process: "user kernel" (utime and stime of /proc/PID/stat).
 cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
@@ -293,6 +316,60 @@ oha_post() { # url body_file out_file [oha args...]
   oha --no-tui -m POST -T application/json -H "Authorization: Bearer sk-bench" -D "$body" \
     --output-format json -o "$out" "$@" "$url" >/dev/null
 }
+
+# Two targets under load at once, DURATION seconds, `conns` connections each: per target
+# "requests cpu_us_per_request". Each gets its own wrk; both wrk start together.
+at_once() { # conns port_a ticks_fn_a port_b ticks_fn_b
+  local conns=$1 a0 b0 a1 b1 na nb
+  a0=$($3); b0=$($5)
+  wrk -t1 -c"$conns" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$2/v1/chat/completions" > "$work/at-a.txt" &
+  local wa=$!
+  wrk -t1 -c"$conns" -d"${DURATION}s" -s "$work/post.lua" "http://127.0.0.1:$4/v1/chat/completions" > "$work/at-b.txt" &
+  local wb=$!
+  wait "$wa" "$wb"
+  a1=$($3); b1=$($5)
+  for f in at-a at-b; do
+    awk '/Non-2xx|Socket errors/ {print "  errors: " $0}' "$work/$f.txt" >&2
+  done
+  na=$(awk '/requests in/ {print $1}' "$work/at-a.txt"); nb=$(awk '/requests in/ {print $1}' "$work/at-b.txt")
+  awk -v a=$((a1 - a0)) -v b=$((b1 - b0)) -v na="$na" -v nb="$nb" -v hz="$hz" -v d="$DURATION" \
+    'BEGIN { printf "%.0f %.2f %.0f %.2f\n", na / d, a / hz * 1e6 / na, nb / d, b / hz * 1e6 / nb }'
+}
+ticks_sum() { local u k; read -r u k < <(cpu_ticks "$1"); echo $((u + k)); }
+sluice_sum() { ticks_sum "$sluice_pid"; }
+sluice_b_sum() { ticks_sum "$sluice_b_pid"; }
+nginx_sum() { local u k; read -r u k < <(nginx_ticks); echo $((u + k)); }
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+if [[ " $PHASES " == *" paired "* ]]; then
+  echo
+  echo "paired: nginx and Sluice under load at once, ${DURATION}s rounds"
+  for conns in ${PAIRED_CONNS:-32 128}; do
+    cpu_ratios=""; rps_ratios=""
+    for round in $(seq "$ROUNDS"); do
+      read -r rs cs rn cn < <(at_once "$conns" "$SLUICE" sluice_sum "$PROXY" nginx_sum)
+      cr=$(awk -v a="$cs" -v b="$cn" 'BEGIN{printf "%.3f", a / b}'); rr=$(awk -v a="$rs" -v b="$rn" 'BEGIN{printf "%.3f", a / b}')
+      echo "  round $round, c=$conns each: sluice $rs req/s at $cs µs CPU/request, nginx $rn req/s at $cn µs; CPU sluice/nginx $cr, req/s $rr"
+      cpu_ratios="$cpu_ratios $cr"; rps_ratios="$rps_ratios $rr"
+    done
+    echo "paired c=$conns: CPU per request sluice/nginx median $(median "$cpu_ratios") (${cpu_ratios# }), requests/s median $(median "$rps_ratios")"
+  done
+fi
+
+if [[ " $PHASES " == *" ab "* ]]; then
+  echo
+  echo "ab: Sluice A ($SLUICE_BIN) and B ($SLUICE_BIN_B${SLUICE_SERVER_B:+; server: +$SLUICE_SERVER_B}${SLUICE_LOG_B:+; RUST_LOG=$SLUICE_LOG_B}) under load at once"
+  for conns in ${PAIRED_CONNS:-32 128}; do
+    cpu_ratios=""
+    for round in $(seq "$ROUNDS"); do
+      read -r ra ca rb cb < <(at_once "$conns" "$SLUICE" sluice_sum "$SLUICE_B" sluice_b_sum)
+      cr=$(awk -v a="$cb" -v b="$ca" 'BEGIN{printf "%.3f", a / b}')
+      echo "  round $round, c=$conns each: A $ra req/s at $ca µs CPU/request, B $rb req/s at $cb µs; CPU B/A $cr"
+      cpu_ratios="$cpu_ratios $cr"
+    done
+    echo "ab c=$conns: CPU per request B/A median $(median "$cpu_ratios") (${cpu_ratios# })"
+  done
+fi
 
 if [[ " $PHASES " == *" fixed "* ]]; then
   echo
