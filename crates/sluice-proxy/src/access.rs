@@ -28,7 +28,7 @@ pub struct Access<'a> {
     status: u16,
     /// Tokens settled (the response's `usage`), when known.
     pub tokens: Option<u64>,
-    duration_ms: f64,
+    took: std::time::Duration,
 }
 
 /// One attempt.
@@ -103,7 +103,7 @@ impl<'a> Access<'a> {
             skipped: Vec::new(),
             status: 0,
             tokens: None,
-            duration_ms: 0.0,
+            took: std::time::Duration::ZERO,
         }
     }
 
@@ -180,8 +180,7 @@ impl<'a> Access<'a> {
             out.extend_from_slice(itoa::Buffer::new().format(tokens).as_bytes());
         }
         out.extend_from_slice(b",\"duration_ms\":");
-        // A finite float (a duration) always serializes.
-        let _ = serde_json::to_writer(&mut *out, &self.duration_ms);
+        write_millis(out, self.took);
         out.push(b'}');
     }
 
@@ -193,7 +192,7 @@ impl<'a> Access<'a> {
     /// Writes the line in `format`; `took` is the request's time from `started` to its end.
     pub fn finish(mut self, status: u16, took: std::time::Duration, format: AccessLog) {
         self.status = status;
-        self.duration_ms = took.as_secs_f64() * 1000.0;
+        self.took = took;
         match format {
             AccessLog::Off => {}
             AccessLog::Json => {
@@ -230,7 +229,7 @@ impl<'a> Access<'a> {
                     self.group.unwrap_or("-"),
                     self.status,
                     self.tokens.map_or_else(|| "-".to_owned(), |t| t.to_string()),
-                    self.duration_ms,
+                    self.took.as_secs_f64() * 1000.0,
                 );
             }
         }
@@ -245,6 +244,21 @@ fn generated_id() -> RequestId {
     RequestId::Generated(std::array::from_fn(|i| {
         HEX[((n >> ((15 - i) * 4)) & 0xf) as usize]
     }))
+}
+
+/// `took` in milliseconds to the microsecond, as a JSON number with three decimals (`1.170`):
+/// what a reader of the log wants, where the float's own digits (`1.1703860000000001`) were
+/// noise from the nanosecond clock.
+fn write_millis(out: &mut Vec<u8>, took: std::time::Duration) {
+    let micros = took.as_micros();
+    out.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    let frac = (micros % 1000) as u16; // below 1000
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// `,"name":[{…},…]` for a non-empty list, each object's fields written by `fields`; nothing
@@ -361,5 +375,23 @@ mod tests {
             v["skipped"],
             serde_json::json!([{"deployment": "m.2", "reason": "budget"}])
         );
+    }
+
+    #[test]
+    fn durations_are_milliseconds_to_the_microsecond() {
+        let text = |nanos: u64| {
+            let mut out = Vec::new();
+            write_millis(&mut out, std::time::Duration::from_nanos(nanos));
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(text(1_170_386_000), "1170.386");
+        assert_eq!(text(1_170_386), "1.170");
+        assert_eq!(text(50_999), "0.050");
+        assert_eq!(text(999), "0.000");
+        assert_eq!(text(12_000_000), "12.000");
+        assert_eq!(text(3_600_000_001_000), "3600000.001");
+        // Always a JSON number that reads back as the same milliseconds.
+        let v: serde_json::Value = serde_json::from_str(&text(1_170_386)).unwrap();
+        assert_eq!(v.as_f64(), Some(1.17));
     }
 }
