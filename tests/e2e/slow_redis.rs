@@ -1,6 +1,7 @@
 //! Redis that answers slowly (paused with `CLIENT PAUSE`) must not slow the request path:
-//! requests are admitted from budget already leased, or from the local share, never by waiting
-//! out Redis.
+//! requests are admitted from budget already leased, on credit while a claim is under way, or
+//! from the local share once the Redis timeout has marked Redis down; never by waiting Redis
+//! out.
 
 use std::process::Command;
 use std::time::Duration;

@@ -317,8 +317,8 @@ pub struct LimitSettings {
     pub default_max_tokens: u64,
     /// Longest wait for one Redis call.
     pub redis_timeout: Duration,
-    /// Longest a request waits on a Redis claim before it is served from the local share, as
-    /// in an outage (`limits.admit_wait`, default 25 ms).
+    /// Longest a request waits on a Redis claim before it is served on credit, charged to
+    /// Redis when the claim completes (`limits.admit_wait`, default 25 ms).
     pub admit_wait: Duration,
 }
 

@@ -42,10 +42,16 @@
 //!
 //! **Ledger down** ([`OnRedisError`]): `local` grants from an in-process ledger sized
 //! `limit ÷ N` (N last known), `open` admits, `closed` refuses; the ledger is retried with
-//! backoff and claims return to it as soon as it answers. **Ledger slow**: a request that
-//! needs a claim waits at most `admit_wait`, then is served the same way (the claim completes
-//! in the background and its grant goes to the shards), so a slow Redis costs a request
-//! `admit_wait` at most, and a Redis slow for a whole window gives the outage bound.
+//! backoff and claims return to it as soon as it answers. **Ledger slow** (answering, but
+//! later than `admit_wait`): the request that needs a claim is served on credit, its cost
+//! debt on the local budget, and the claim completing in the background repays it (what it
+//! reserved for that request goes to the shards); a claim that is refused leaves the debt to
+//! the next grant. Every request is charged to the ledger, a claim's latency late. Credit is
+//! given while the replica owes less than one lease and its share of what the ledger last
+//! said was left covers it; past that (near the limit) the request waits for the ledger's
+//! answer, at most `redis_timeout`. So a slow Redis costs a request `admit_wait` while there
+//! is budget, and admits at most one lease per replica ahead of the ledger. (Served as in an
+//! outage instead, each slow claim gave a replica a lease the ledger never saw.)
 //!
 //! Not here: HTTP, config files, routing. The proxy builds [`LimitSpec`]s from its config and
 //! asks [`Limiter::admit`].

@@ -152,8 +152,9 @@ pub struct Settings {
     pub replica_id: String,
     /// Maintenance tick: EWMA sampling, lease expiry, prefetch.
     pub tick: Duration,
-    /// Longest a request waits on a ledger claim before it is served as if the ledger were
-    /// down ([`OnRedisError`]); the claim still completes in the background.
+    /// Longest a request waits on a ledger claim before it is served on credit, charged to
+    /// the ledger when the claim, which goes on in the background, completes (see
+    /// `Limiter::claim_patiently` for when credit is given).
     pub admit_wait: Duration,
 }
 
@@ -486,40 +487,73 @@ impl Limiter {
         Ok(())
     }
 
-    /// A claim for one request that waits at most `admit_wait`. A ledger slower than that is
-    /// treated like one that is down, for this request: it is served per [`OnRedisError`]
-    /// (the local share by default). The claim itself goes on in the background; what it
-    /// reserved for a caller who stopped waiting goes to the shards.
+    /// A claim for one request that waits at most `admit_wait` (G3: a slow ledger must not
+    /// slow the request path). A ledger slower than that, but not known to be down (a failed
+    /// claim marks it down, and claims then take the outage path at once), serves the request
+    /// on credit: its cost becomes debt on the local budget, which the claim still under way
+    /// repays when it is granted (what it reserved for this caller goes to the shards, below)
+    /// and which any later grant repays first when it is not. The request is charged to the
+    /// ledger either way, a claim's latency late; nothing is handed out that the ledger never
+    /// sees. Credit is given while this replica owes less than one lease and the ledger's last
+    /// answer left room for it ([`Self::credit`]); otherwise the caller waits for the claim's
+    /// answer (bounded by `redis_timeout`), and with `on_redis_error: closed` it is refused.
+    ///
+    /// (Served from the local share as in an outage, as before, each slow claim gave the
+    /// replica a lease the ledger never saw: on a loaded CI machine, five replicas admitted
+    /// 128 % of a limit in one period, past the overshoot bound.)
     async fn claim_patiently(
         self: &Arc<Self>,
         st: &Arc<LimitState>,
         cost: u64,
     ) -> Result<(), Duration> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
         let (this, claimer) = (self.clone(), st.clone());
         tokio::spawn(async move {
             let outcome = this.claim_for(&claimer, cost, true).await;
             if let Err(Ok(())) = tx.send(outcome) {
+                // The caller went on without waiting: what was reserved for it goes to the
+                // shards, where it repays the caller's credit.
                 claimer.local.put(cost as i64);
             }
         });
-        match tokio::time::timeout(self.settings.admit_wait, rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(BACKOFF_MAX), // the claim task died (runtime shutting down)
+        let answer = match tokio::time::timeout(self.settings.admit_wait, &mut rx).await {
+            Ok(answer) => answer,
             Err(_) => {
-                log::debug!(
-                    "ledger slower than {:?}: {} served locally",
-                    self.settings.admit_wait,
-                    st.spec.id
-                );
-                let (grant, source) = self.fallback_grant(st, self.lease_size(st, cost), cost);
-                if grant.granted == 0 {
-                    return Err(grant.retry_after.max(Duration::from_millis(1)));
+                let closed = self.settings.on_redis_error == OnRedisError::Closed;
+                if !closed && self.credit(st, cost) {
+                    log::debug!(
+                        "ledger slower than {:?}: {} served on credit",
+                        self.settings.admit_wait,
+                        st.spec.id
+                    );
+                    return Ok(()); // `rx` is dropped: the claim's reservation repays the credit
                 }
-                self.accept(st, grant, source, cost);
-                Ok(())
+                if closed {
+                    return Err(BACKOFF_MAX);
+                }
+                rx.await
             }
+        };
+        // An `Err` from the channel: the claim task died (the runtime is shutting down).
+        answer.unwrap_or(Err(BACKOFF_MAX))
+    }
+
+    /// Takes `cost` on credit (as debt on the local budget) if this replica then owes at most
+    /// one lease and this replica's part of what the ledger last said was left covers what it
+    /// owes: a replica that may be at the limit waits for the ledger's answer instead. Owing at
+    /// most a lease keeps what is admitted ahead of the ledger within the size of the bound's
+    /// own term for this replica. (Two workers checking at once may both pass: a request's
+    /// cost over, at most, per worker.)
+    fn credit(&self, st: &LimitState, cost: u64) -> bool {
+        let owed = (-st.local.total()).max(0) as u64;
+        let room = self
+            .max_lease(st)
+            .min(st.remaining.load(Ordering::Relaxed) / self.replicas());
+        if owed + cost > room {
+            return false;
         }
+        st.local.put(-(cost as i64));
+        true
     }
 
     /// Demand-sized lease for `st`, at least `need`.
