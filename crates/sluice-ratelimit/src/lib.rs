@@ -26,7 +26,10 @@
 //! plus leases granted earlier and spent inside it; a replica holds at most `max_lease` at a
 //! time, so admitted ≤ limit + N × `max_lease` = limit + B, with N the replica count.
 //! [`Limiter::overshoot_bound`] exports B. Settlement can add the difference between a
-//! request's estimate and its real usage (charged as local debt that later grants repay).
+//! request's estimate and its real usage (charged as local debt that later grants repay); so
+//! can credit while the ledger is slow (below): a replica owes at most `max_lease` on credit,
+//! charged a claim's latency after the window may have ended, so a window that ends while
+//! claims are slower than `admit_wait` can take up to one more `max_lease` per replica.
 //!
 //! **Crashed replicas.** A shared ledger records each lease until its holder ends it (the
 //! refund above, with 0 when it was used up). A record still there `lease_ttl` + a grace

@@ -382,7 +382,9 @@ impl Limiter {
     }
 
     /// B: how far admitted budget for `limit` may exceed it in one window, summed over
-    /// replicas: N × the largest lease a replica takes (crate docs, "Bound").
+    /// replicas: N × the largest lease a replica takes (crate docs, "Bound"; a window ending
+    /// while claims are slower than `admit_wait` can take one more lease per replica, on
+    /// credit, charged a claim's latency later).
     pub fn overshoot_bound(&self, limit: &LimitHandle) -> u64 {
         self.replicas() * self.max_lease(&limit.0)
     }
