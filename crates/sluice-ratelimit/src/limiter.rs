@@ -226,6 +226,17 @@ struct LimitState {
     remaining: AtomicU64,
     /// Largest single admission cost seen (for the bound).
     max_cost: AtomicU64,
+    /// The ledger's last refusal of a claim for a caller: when, for how much, and its
+    /// retry-after. Callers queued behind that claim take its answer ([`Limiter::claim_for`]).
+    refused: Mutex<Option<Refusal>>,
+}
+
+/// A ledger's refusal of a claim made for a caller.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    at: Instant,
+    missing: u64,
+    retry_after: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -355,6 +366,7 @@ impl Limiter {
             }),
             remaining: AtomicU64::new(spec.limit),
             max_cost: AtomicU64::new(0),
+            refused: Mutex::new(None),
             spec: spec.clone(),
         });
         self.limits.insert(spec.id, state.clone());
@@ -594,12 +606,27 @@ impl Limiter {
         need: u64,
         for_caller: bool,
     ) -> Result<(), Duration> {
+        let asked = Instant::now();
         st.waiting.fetch_add(1, Ordering::AcqRel);
         let _guard = st.claim_lock.lock().await;
         let queued = st.waiting.fetch_sub(1, Ordering::AcqRel).max(1);
         let (have, missing) = if for_caller {
             if st.local.try_take(need as i64) {
                 return Ok(()); // a concurrent claim filled it
+            }
+            // A claim for as much or less was refused while this one queued: the ledger's
+            // answer stands for it too, without a round trip of its own. (Callers queue here
+            // when the ledger is slow near the limit; asking again one after another, each
+            // would wait for every refusal before its own.)
+            let missing_now = (need as i64 - st.local.total()).max(0) as u64;
+            if let Some(r) = *lock(&st.refused) {
+                if r.at >= asked && missing_now >= r.missing {
+                    let waited = r.at.elapsed();
+                    return Err(r
+                        .retry_after
+                        .saturating_sub(waited)
+                        .max(Duration::from_millis(1)));
+                }
             }
             // Use what is local, claim the rest, plus any debt (a grant repays it first).
             let have = st.local.drain_upto(need as i64);
@@ -619,6 +646,13 @@ impl Limiter {
         let (grant, source) = self.ledger_claim(st, ask, missing).await;
         if grant.granted == 0 {
             st.local.put(have);
+            if for_caller {
+                *lock(&st.refused) = Some(Refusal {
+                    at: Instant::now(),
+                    missing,
+                    retry_after: grant.retry_after,
+                });
+            }
             return Err(grant.retry_after.max(Duration::from_millis(1)));
         }
         let reserved = if for_caller { need - have as u64 } else { 0 };

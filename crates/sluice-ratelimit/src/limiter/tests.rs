@@ -396,3 +396,31 @@ async fn a_slow_ledger_at_the_limit_gives_no_credit_past_it() {
         "{admitted} admitted against a limit of 100"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn callers_queued_behind_a_refused_claim_take_its_answer() {
+    // The limit is spent; then 20 requests at once on a ledger five times slower than
+    // `admit_wait`, with no room for credit: one claim is refused, and everyone queued behind
+    // it is answered with that refusal, not with a round trip each, one after another.
+    let (l, t, _ledger) = slow(100).await;
+    while let Ok(a) = l.admit(&[(&t, 20)]).await {
+        a.settle(20);
+    }
+    tokio::time::advance(Duration::from_secs(1)).await; // claims under way finish
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (l, t) = (l.clone(), t.clone());
+        tasks.spawn(async move {
+            let refused = l.admit(&[(&t, 20)]).await.is_err();
+            (refused, started.elapsed())
+        });
+    }
+    let delay = settings().admit_wait * 5;
+    for (refused, took) in tasks.join_all().await {
+        assert!(refused, "the window is spent");
+        // One claim to learn the limit is spent (a second at most, if one caller queued after
+        // the first claim was answered): not 20 in a row.
+        assert!(took <= delay * 2, "a refusal took {took:?}");
+    }
+}
