@@ -52,9 +52,10 @@
 //! the next grant. Every request is charged to the ledger, a claim's latency late. Credit is
 //! given while the replica owes less than one lease and its share of what the ledger last
 //! said was left covers it; past that (near the limit) the request waits for the ledger's
-//! answer, at most `redis_timeout`, and a refusal answers every caller queued behind it. So a slow Redis costs a request `admit_wait` while there
-//! is budget, and admits at most one lease per replica ahead of the ledger. (Served as in an
-//! outage instead, each slow claim gave a replica a lease the ledger never saw.)
+//! answer (each call bounded by `redis_timeout`), and a refusal answers every caller queued
+//! behind it. So a slow Redis costs a request `admit_wait` while there is budget, and admits
+//! at most one lease per replica ahead of the ledger. (Served as in an outage instead, each
+//! slow claim gave a replica a lease the ledger never saw.)
 //!
 //! Not here: HTTP, config files, routing. The proxy builds [`LimitSpec`]s from its config and
 //! asks [`Limiter::admit`].

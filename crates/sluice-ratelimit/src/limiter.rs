@@ -510,7 +510,8 @@ impl Limiter {
     /// ledger either way, a claim's latency late; nothing is handed out that the ledger never
     /// sees. Credit is given while this replica owes less than one lease and the ledger's last
     /// answer left room for it ([`Self::credit`]); otherwise the caller waits for the claim's
-    /// answer (bounded by `redis_timeout`), and with `on_redis_error: closed` it is refused.
+    /// answer (each ledger call is bounded by `redis_timeout`, and a refusal answers every
+    /// caller queued behind it), and with `on_redis_error: closed` it is refused.
     ///
     /// (Served from the local share as in an outage, as before, each slow claim gave the
     /// replica a lease the ledger never saw: on a loaded CI machine, five replicas admitted
