@@ -76,3 +76,72 @@ async fn a_paused_redis_does_not_slow_requests_down() {
         "a request waited {dmax:?} on a paused Redis"
     );
 }
+
+/// Near its limit, a Redis that answers later than `admit_wait` (paused for 300 ms at a time,
+/// within the 0.5 s Redis timeout, so it is never marked down) must not let the replica admit
+/// past the limit: requests whose claims are slow are served on credit that Redis is charged
+/// for, at most one lease ahead. (Served from the local share instead, as before, each slow
+/// claim added most of a lease Redis never saw.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_near_the_limit_admits_no_more_than_the_limit() {
+    let redis = RedisServer::start().unwrap();
+    let up = MockUpstream::start(MockConfig::default()).await.unwrap();
+    let limit = 120;
+    let s = std::sync::Arc::new(
+        Sluice::start(&format!(
+            "model_list:\n{}router_settings: {{redis_url: '{}'}}\n\
+             limits: {{period: 4, slots: 40, redis_timeout: 0.5}}\n",
+            deployment("m", "x", &up.base_url(), &format!(", rpm: {limit}")),
+            redis.url()
+        ))
+        .await,
+    );
+    let pause = || {
+        Command::new("redis-cli")
+            .args([
+                "-p",
+                &redis.port().to_string(),
+                "CLIENT",
+                "PAUSE",
+                "300",
+                "ALL",
+            ])
+            .status()
+            .unwrap()
+    };
+    // Twice the limit, sent over 2.4 s (each request on its own task, so a slow answer does not
+    // hold back the next), with Redis paused every 600 ms. Every admission falls within 2.4 s
+    // + a Redis timeout of the first: inside one 4 s window.
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = tokio::task::JoinSet::new();
+    for i in 0..2 * limit {
+        tick.tick().await;
+        if i % 60 == 0 {
+            assert!(pause().success());
+        }
+        let s = s.clone();
+        sent.spawn(async move { s.chat(chat("m")).await.status().as_u16() });
+    }
+    let statuses = sent.join_all().await;
+    let took = start.elapsed();
+    let served = statuses.iter().filter(|s| **s == 200).count() as u64;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
+    eprintln!("slow redis at the limit: {served} served, {refused} refused in {took:?}");
+    assert_eq!(served + refused, 2 * limit, "{statuses:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the run must fit one window: {took:?}"
+    );
+    // One replica: the limit, plus one lease (5 % of it) held from before and one owed on
+    // credit, plus a request for each of two workers checking credit at the same moment.
+    let lease = (limit as f64 * 0.05).ceil() as u64;
+    assert!(
+        served <= limit + 2 * lease + 2,
+        "{served} served against a limit of {limit} per window"
+    );
+    assert!(
+        served >= limit * 9 / 10,
+        "the limit's budget is used: {served}"
+    );
+}
