@@ -50,7 +50,7 @@
 //! debt on the local budget, and the claim completing in the background repays it (what it
 //! reserved for that request goes to the shards); a claim that is refused leaves the debt to
 //! the next grant. Every request is charged to the ledger, a claim's latency late. Credit is
-//! given while the replica owes less than one lease and its share of what the ledger last
+//! given while the replica owes at most one lease and its share of what the ledger last
 //! said was left covers it; past that (near the limit) the request waits for the ledger's
 //! answer (each call bounded by `redis_timeout`), and a refusal answers every caller queued
 //! behind it. So a slow Redis costs a request `admit_wait` while there is budget, and admits

@@ -508,7 +508,7 @@ impl Limiter {
     /// repays when it is granted (what it reserved for this caller goes to the shards, below)
     /// and which any later grant repays first when it is not. The request is charged to the
     /// ledger either way, a claim's latency late; nothing is handed out that the ledger never
-    /// sees. Credit is given while this replica owes less than one lease and the ledger's last
+    /// sees. Credit is given while this replica owes at most one lease and the ledger's last
     /// answer left room for it ([`Self::credit`]); otherwise the caller waits for the claim's
     /// answer (each ledger call is bounded by `redis_timeout`, and a refusal answers every
     /// caller queued behind it), and with `on_redis_error: closed` it is refused.
