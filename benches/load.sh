@@ -227,7 +227,7 @@ nginx_ticks() {
 }
 redis_commands() { redis-cli -p "$REDIS" info stats | tr -d '\r' | awk -F: '/^total_commands_processed/ {print $2}'; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$sluice_pid/status"; }
-declare -A rps p50 p99 fixed_p50 fixed_p99
+declare -A rps p50 p99
 sluice_requests=0; nginx_requests=0; redis_sum=0
 sluice_user=0; sluice_kernel=0; nginx_user=0; nginx_kernel=0
 hz=$(getconf CLK_TCK)
@@ -371,41 +371,35 @@ if [[ " $PHASES " == *" ab "* ]]; then
   done
 fi
 
-if [[ " $PHASES " == *" fixed "* ]]; then
-  echo
-  echo "fixed rate: $RATE req/s for ${FIXED_SECONDS}s, 32 connections, latency-corrected"
+# Six oha runs with `args`: direct, nginx and Sluice, twice over; after each round, what each
+# proxy adds to the direct run's p50 and p99.
+added_latency() { # args...
+  local target port n e a b proxy
+  local -A lat_p50 lat_p99
   for target in direct nginx sluice direct nginx sluice; do
     case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
-    oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/fixed.json" \
-      -z "${FIXED_SECONDS}s" -q "$RATE" --latency-correction -c 32
-    read -r n e a b < <(oha_summary "$work/fixed.json")
+    oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/latency.json" "$@"
+    read -r n e a b < <(oha_summary "$work/latency.json")
     echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
-    fixed_p50[$target]=$a; fixed_p99[$target]=$b
+    lat_p50[$target]=$a; lat_p99[$target]=$b
     if [ "$target" = sluice ]; then # a round done: what each proxy adds to its direct run
       for proxy in nginx sluice; do
-        echo "  $proxy adds: p50 $(( ${fixed_p50[$proxy]} - ${fixed_p50[direct]} )) µs, p99 $(( ${fixed_p99[$proxy]} - ${fixed_p99[direct]} )) µs"
+        echo "  $proxy adds: p50 $(( ${lat_p50[$proxy]} - ${lat_p50[direct]} )) µs, p99 $(( ${lat_p99[$proxy]} - ${lat_p99[direct]} )) µs"
       done
     fi
   done 2>&1
+}
+
+if [[ " $PHASES " == *" fixed "* ]]; then
+  echo
+  echo "fixed rate: $RATE req/s for ${FIXED_SECONDS}s, 32 connections, latency-corrected"
+  added_latency -z "${FIXED_SECONDS}s" -q "$RATE" --latency-correction -c 32
 fi
 
 if [[ " $PHASES " == *" serial "* ]]; then
   echo
   echo "serial: $SERIAL_REQUESTS requests one at a time on one connection"
-  declare -A serial_p50 serial_p99
-  for target in direct nginx sluice direct nginx sluice; do
-    case $target in direct) port=$UPSTREAM;; nginx) port=$PROXY;; sluice) port=$SLUICE;; esac
-    oha_post "http://127.0.0.1:$port/v1/chat/completions" "$work/body.json" "$work/serial.json" \
-      -n "$SERIAL_REQUESTS" -c 1
-    read -r n e a b < <(oha_summary "$work/serial.json")
-    echo "  $target: $n requests, $e errors, p50 ${a} µs, p99 ${b} µs"
-    serial_p50[$target]=$a; serial_p99[$target]=$b
-    if [ "$target" = sluice ]; then
-      for proxy in nginx sluice; do
-        echo "  $proxy adds: p50 $(( ${serial_p50[$proxy]} - ${serial_p50[direct]} )) µs, p99 $(( ${serial_p99[$proxy]} - ${serial_p99[direct]} )) µs"
-      done
-    fi
-  done 2>&1
+  added_latency -n "$SERIAL_REQUESTS" -c 1
 fi
 
 if [[ " $PHASES " == *" stream "* ]]; then
