@@ -128,19 +128,29 @@ async fn expired_leases_go_back_to_the_ledger() {
     task.await.unwrap();
 }
 
-/// A ledger that can be switched off, to drive outages, and counts the claims reaching it.
+/// A ledger that can be switched off, to drive outages, or answer every claim `delay` late
+/// (its latency, on the tests' paused clock); it counts the claims reaching it and sums what
+/// it granted.
 struct Flaky {
     inner: MemoryLedger,
     down: AtomicBool,
+    delay: Duration,
     claims: AtomicU64,
+    granted: AtomicU64,
 }
 
 impl Flaky {
     fn new() -> Arc<Self> {
+        Self::slow(Duration::ZERO)
+    }
+
+    fn slow(delay: Duration) -> Arc<Self> {
         Arc::new(Self {
             inner: MemoryLedger::new(settings().window),
             down: AtomicBool::new(false),
+            delay,
             claims: AtomicU64::new(0),
+            granted: AtomicU64::new(0),
         })
     }
 }
@@ -159,7 +169,12 @@ impl Ledger for Flaky {
             return Err(LedgerError("down".into()));
         }
         self.claims.fetch_add(1, Ordering::Relaxed);
-        self.inner.claim(key, limit, ask, min, hold).await
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let g = self.inner.claim(key, limit, ask, min, hold).await?;
+        self.granted.fetch_add(g.granted, Ordering::Relaxed);
+        Ok(g)
     }
     async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
         self.inner.refund(key, lease, amount).await
@@ -289,47 +304,9 @@ async fn a_burst_after_a_quiet_spell_claims_a_few_times_not_per_request() {
     assert!(claims <= 10, "{claims} claims for 1,000 requests");
 }
 
-/// A ledger that answers every claim `delay` late (its latency, on the paused clock), and sums
-/// what it granted.
-struct Slow {
-    inner: MemoryLedger,
-    delay: Duration,
-    granted: AtomicU64,
-}
-
-#[async_trait]
-impl Ledger for Slow {
-    async fn claim(
-        &self,
-        key: &str,
-        limit: u64,
-        ask: u64,
-        min: u64,
-        hold: Duration,
-    ) -> Result<Grant, LedgerError> {
-        tokio::time::sleep(self.delay).await;
-        let g = self.inner.claim(key, limit, ask, min, hold).await?;
-        self.granted.fetch_add(g.granted, Ordering::Relaxed);
-        Ok(g)
-    }
-    async fn refund(&self, key: &str, lease: LeaseRef, amount: u64) -> Result<u64, LedgerError> {
-        self.inner.refund(key, lease, amount).await
-    }
-    async fn heartbeat(&self, _: &str, _: Duration) -> Result<u64, LedgerError> {
-        Ok(4)
-    }
-    fn shared(&self) -> bool {
-        true
-    }
-}
-
 /// A limiter of four replicas over a ledger five times slower than `admit_wait`.
-async fn slow(limit: u64) -> (Arc<Limiter>, LimitHandle, Arc<Slow>) {
-    let ledger = Arc::new(Slow {
-        inner: MemoryLedger::new(settings().window),
-        delay: settings().admit_wait * 5,
-        granted: AtomicU64::new(0),
-    });
+async fn slow(limit: u64) -> (Arc<Limiter>, LimitHandle, Arc<Flaky>) {
+    let ledger = Flaky::slow(settings().admit_wait * 5);
     let l = Limiter::new(settings(), ledger.clone());
     l.heartbeat().await;
     assert_eq!(l.replicas(), 4);
