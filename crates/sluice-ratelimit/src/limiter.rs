@@ -533,21 +533,18 @@ impl Limiter {
         });
         let answer = match tokio::time::timeout(self.settings.admit_wait, &mut rx).await {
             Ok(answer) => answer,
-            Err(_) => {
-                let closed = self.settings.on_redis_error == OnRedisError::Closed;
-                if !closed && self.credit(st, cost) {
-                    log::debug!(
-                        "ledger slower than {:?}: {} served on credit",
-                        self.settings.admit_wait,
-                        st.spec.id
-                    );
-                    return Ok(()); // `rx` is dropped: the claim's reservation repays the credit
-                }
-                if closed {
-                    return Err(BACKOFF_MAX);
-                }
-                rx.await
+            Err(_) if self.settings.on_redis_error == OnRedisError::Closed => {
+                return Err(BACKOFF_MAX);
             }
+            Err(_) if self.credit(st, cost) => {
+                log::debug!(
+                    "ledger slower than {:?}: {} served on credit",
+                    self.settings.admit_wait,
+                    st.spec.id
+                );
+                return Ok(()); // `rx` is dropped: the claim's reservation repays the credit
+            }
+            Err(_) => rx.await,
         };
         // An `Err` from the channel: the claim task died (the runtime is shutting down).
         answer.unwrap_or(Err(BACKOFF_MAX))
