@@ -9,13 +9,22 @@ pub(crate) mod h1;
 
 use std::io;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use pingora_core::protocols::http::{HttpTask, ServerSession};
 use pingora_http::ResponseHeader;
 
 use crate::field_is;
 use crate::upstream::Head;
+
+/// Why [`Client::read_whole_body`] gave no body.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Longer than allowed (declared so, or found so while reading).
+    TooLarge,
+    /// The read failed, or the client closed inside the body.
+    Read(io::Error),
+}
 
 /// The head of an answer relayed from an upstream: its status and fields but hop-by-hop ones
 /// (and `Content-Length` unless kept), then Sluice's own, which replace any upstream field of
@@ -232,11 +241,55 @@ impl Client<'_> {
         }
     }
 
-    /// The next piece of the request body; `None` at its end.
-    pub async fn read_body(&mut self) -> io::Result<Option<Bytes>> {
-        match self {
-            Self::Pingora(s) => s.read_request_body().await.map_err(pingora_error),
-            Self::H1(c) => c.read_body().await,
+    /// The whole request body, refused unread when its declared length exceeds `max` and
+    /// as soon as more than `max` bytes came otherwise. Sluice's HTTP/1.1 side reads it into
+    /// one buffer made for it ([`h1::Conn::read_whole_body`]). Under Pingora's session a body
+    /// usually arrives as one chunk (over HTTP/2 a slice of its data frame): that chunk is the
+    /// body, uncopied; only a body in pieces is joined in a buffer of its own.
+    ///
+    /// # Errors
+    /// [`BodyError`]; either way the connection is no use for another request.
+    pub async fn read_whole_body(&mut self, max: usize) -> Result<Bytes, BodyError> {
+        let session = match self {
+            Self::H1(c) => {
+                return match c.body_len() {
+                    Some(len) if len <= max => c.read_whole_body().await.map_err(BodyError::Read),
+                    _ => Err(BodyError::TooLarge),
+                };
+            }
+            Self::Pingora(s) => s,
+        };
+        let declared = session
+            .get_header(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(BodyError::TooLarge);
+        }
+        let mut first: Option<Bytes> = None;
+        let mut joined = BytesMut::new();
+        let mut len = 0;
+        loop {
+            match session.read_request_body().await.map_err(pingora_error) {
+                Ok(Some(chunk)) => {
+                    len += chunk.len();
+                    if len > max {
+                        return Err(BodyError::TooLarge);
+                    }
+                    match first.take() {
+                        None if joined.is_empty() => first = Some(chunk),
+                        earlier => {
+                            if let Some(earlier) = earlier {
+                                joined.reserve(declared.unwrap_or(len).max(len));
+                                joined.extend_from_slice(&earlier);
+                            }
+                            joined.extend_from_slice(&chunk);
+                        }
+                    }
+                }
+                Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
+                Err(e) => return Err(BodyError::Read(e)),
+            }
         }
     }
 

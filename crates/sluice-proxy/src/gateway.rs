@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::access::Access;
 use crate::access::Outcome;
 use crate::alarm::Alarm;
-use crate::downstream::{h1, AnswerHead, Client, Field, KeyOwner, Own};
+use crate::downstream::{h1, AnswerHead, BodyError, Client, Field, KeyOwner, Own};
 use crate::limits::{RateHeaders, Scopes};
 use crate::metrics::{Metrics, Route, ScopeKind};
 use crate::reject::Rejection;
@@ -1283,50 +1283,19 @@ fn declares_json(session: &Client<'_>) -> bool {
 
 /// Reads the whole request body, refusing more than `max` bytes.
 async fn read_body(session: &mut Client<'_>, max: usize) -> Result<Bytes, Rejection> {
-    let declared = session
-        .header(Field::ContentLength)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > max) {
-        // The unread body makes the connection unusable for another request.
+    session.read_whole_body(max).await.map_err(|e| {
+        // The unread rest of the body makes the connection unusable for another request.
         session.close_after();
-        return Err(Rejection::TooLarge(max));
-    }
-    // A body usually arrives as one chunk (over HTTP/1 Pingora's own copy of it, over HTTP/2
-    // a slice of its data frame): that chunk is the body, uncopied. Only a body in pieces is
-    // joined in a buffer of its own.
-    let mut first: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
-    let mut len = 0;
-    loop {
-        match session.read_body().await {
-            Ok(Some(chunk)) => {
-                len += chunk.len();
-                if len > max {
-                    session.close_after();
-                    return Err(Rejection::TooLarge(max));
-                }
-                match first.take() {
-                    None if joined.is_empty() => first = Some(chunk),
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            joined.reserve(declared.unwrap_or(len).max(len));
-                            joined.extend_from_slice(&earlier);
-                        }
-                        joined.extend_from_slice(&chunk);
-                    }
-                }
-            }
-            Ok(None) => return Ok(first.unwrap_or_else(|| joined.freeze())),
-            Err(e) => {
+        match e {
+            BodyError::TooLarge => Rejection::TooLarge(max),
+            BodyError::Read(e) => {
                 log::debug!("reading request body: {e}");
-                session.close_after();
-                return Err(Rejection::BadRequest(sluice_openai::ParseError::Json(
+                Rejection::BadRequest(sluice_openai::ParseError::Json(
                     "the request body could not be read completely".to_owned(),
-                )));
+                ))
             }
         }
-    }
+    })
 }
 
 async fn write_json(session: &mut Client<'_>, status: u16, body: &[u8]) {
