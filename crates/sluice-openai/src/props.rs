@@ -156,6 +156,29 @@ proptest! {
         }
     }
 
+    /// The body's walk (sonic-rs) judges JSON as serde_json does: a body with bytes flipped is
+    /// refused as JSON (or as not UTF-8) exactly when serde_json finds it is no JSON object.
+    #[test]
+    fn json_is_judged_as_serde_json_judges_it(
+        (text, _) in request_object(),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let mut bytes = text.into_bytes();
+        for (i, b) in flips {
+            let at = i.index(bytes.len());
+            bytes[at] = b;
+        }
+        let serde_ok = serde_json::from_slice::<BTreeMap<&str, &RawValue>>(&bytes).is_ok()
+            || serde_json::from_slice::<BTreeMap<String, &RawValue>>(&bytes).is_ok();
+        let ours = Request::parse(Endpoint::ChatCompletions, Bytes::from(bytes.clone()));
+        use crate::ParseError::{Json, NotUtf8, NumberOutOfRange, TooDeep};
+        // The depth and number checks come first: after them, the JSON was not judged.
+        if !matches!(ours, Err(NumberOutOfRange(_) | TooDeep)) {
+            let ours_ok = !matches!(ours, Err(Json(_) | NotUtf8));
+            prop_assert_eq!(ours_ok, serde_ok, "{:?}: {:?}", String::from_utf8_lossy(&bytes), ours.err());
+        }
+    }
+
     /// Fuzz-style: arbitrary bytes, and valid requests with bytes flipped, never panic; what
     /// parses shapes into a JSON object.
     #[test]
