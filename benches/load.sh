@@ -44,6 +44,8 @@
 # CLIENT=sdk sends the headers the OpenAI Python SDK sends (user-agent, accept, accept-encoding
 # and eight x-stainless-* fields: 15 header fields in all, against 4 by default) to both proxies
 # in the throughput runs.
+# BODY_KB=n sends a prompt of n KiB (lines of ~90 bytes, a `\n` escape each) in every phase
+# instead of the ~1.5 KB request: what a longer conversation costs each proxy.
 # Needs: nginx, wrk, redis-server (apt-get install -y nginx-light wrk redis-server), for
 # fixed/stream/soak oha (cargo install oha --locked), and for the PGO build an llvm-profdata
 # (apt-get install -y llvm-19; PGO=0 measures the plain release build instead).
@@ -118,7 +120,9 @@ http {
   uwsgi_temp_path $work/$1/uwsgi;
   scgi_temp_path $work/$1/scgi;
   keepalive_requests 100000;
-  client_body_buffer_size 64k;
+  # In memory, as Sluice holds a body (nginx writes a larger one to a temporary file).
+  client_body_buffer_size $(( ${BODY_KB:-0} + 4 > 64 ? ${BODY_KB:-0} + 4 : 64 ))k;
+  client_max_body_size 16m;
 $2
 }
 EOF
@@ -181,8 +185,14 @@ if [[ " $PHASES " == *" ab "* ]]; then
   echo "load bench: Sluice B is $SLUICE_BIN_B${SLUICE_SERVER_B:+, server: + $SLUICE_SERVER_B}" >&2
 fi
 
-# A ~1.5 KB chat request, with one field the allow-list drops.
-content=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 30)[:1300])')
+# A ~1.5 KB chat request, with one field the allow-list drops; with BODY_KB, a prompt of that
+# many KiB instead, in lines of ~90 bytes (a `\n` escape each, as a conversation has).
+if [ -n "${BODY_KB:-}" ]; then
+  content=$(python3 -c "import sys; line = 'The quick brown fox jumps over the lazy dog. ' * 2
+print('\\\\n'.join([line] * max(1, int(sys.argv[1]) * 1024 // (len(line) + 2))))" "$BODY_KB")
+else
+  content=$(python3 -c 'print(("The quick brown fox jumps over the lazy dog. " * 30)[:1300])')
+fi
 body="{\"model\":\"gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"$content\"}],\"temperature\":0.2,\"max_tokens\":64,\"_client_trace\":\"x\"}"
 printf '%s' "$body" > "$work/body.json"
 cat > "$work/post.lua" <<EOF

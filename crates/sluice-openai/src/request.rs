@@ -13,8 +13,9 @@ use crate::filter::{Policy, Verdict};
 pub const MAX_TOKENS_CEILING: u64 = 100_000_000;
 
 /// Deepest nesting of arrays and objects accepted: serde_json's own recursion limit. Values are
-/// kept raw (see [`Request::shape`]), and skipping a raw value does not apply that limit, so
-/// Sluice checks it itself rather than forward a body no provider would parse.
+/// kept raw (see [`Request::shape`]), and the walk that validates them (sonic-rs) recurses with
+/// no limit of its own, so Sluice checks the depth first: no body a provider's parser would
+/// refuse is forwarded, and none runs the walk off its thread's stack.
 pub const MAX_DEPTH: usize = 128;
 
 /// The OpenAI endpoints Sluice serves.
@@ -423,8 +424,22 @@ fn check_structure(json: &[u8], limit: usize) -> Result<(), ParseError> {
         match b {
             b'"' => {
                 i += 1;
+                let mut escaped = false;
                 loop {
-                    let Some(off) = quote_or_backslash(&json[i.min(json.len())..]) else {
+                    let rest = &json[i.min(json.len())..];
+                    // After an escape the string goes on as long as before it, on average: a
+                    // prompt's line after its `\n`. The short-string head would be wasted
+                    // there (~100 instructions an escape); only a second escape right away is
+                    // looked for by hand (`\n\n`).
+                    let found = if escaped {
+                        match rest.first() {
+                            Some(b'"' | b'\\') => Some(0),
+                            _ => memchr::memchr2(b'"', b'\\', rest),
+                        }
+                    } else {
+                        quote_or_backslash(rest)
+                    };
+                    let Some(off) = found else {
                         return Ok(()); // unterminated: the parser reports that
                     };
                     i += off;
@@ -440,6 +455,7 @@ fn check_structure(json: &[u8], limit: usize) -> Result<(), ParseError> {
                             ));
                         }
                         i += 2; // skip the escaped byte (a `\u`'s digits are plain bytes)
+                        escaped = true;
                     } else {
                         i += 1;
                         break;
@@ -850,6 +866,22 @@ mod tests {
             parse(&ok_depth).is_ok(),
             "brackets inside strings must not count"
         );
+        // Nor after escapes of every kind, one right after another; and the string's end is
+        // found after them (the brackets that follow it count).
+        let escapes = r#"a\n\n\"\\\u00e9\t"#;
+        let inside = format!(
+            r#"{{"model":"a","messages":[],"x":"{escapes}{}{escapes}","y":{}{}}}"#,
+            "[".repeat(MAX_DEPTH * 2),
+            "[".repeat(MAX_DEPTH - 2),
+            "]".repeat(MAX_DEPTH - 2)
+        );
+        assert!(parse(&inside).is_ok());
+        let past = format!(
+            r#"{{"model":"a","messages":[],"x":"{escapes}","y":{}{}}}"#,
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert_eq!(parse(&past).unwrap_err(), ParseError::TooDeep);
     }
 
     /// Strings, numbers and literals at the edges of the grammar are judged as serde_json's
