@@ -4,9 +4,9 @@
 //! A request body is read as a list of top-level fields whose values stay raw bytes (where
 //! each lies in the body; sonic-rs's lazy object iterator walks and validates the body with
 //! SIMD): Sluice looks at `model`, `stream` and the token fields, and never rebuilds a DOM of
-//! the prompt. Shaping for a deployment copies those raw bytes in their order and rewrites
-//! `model`, so a 1 MiB prompt costs its scans (UTF-8, structure, grammar: each 16-32 bytes a
-//! step) and one copy.
+//! the prompt. Shaping for a deployment rewrites `model` and keeps the other fields as slices
+//! of the client's body, written upstream with one vectored write: a 1 MiB prompt costs its
+//! scans (UTF-8, structure, grammar: each 16-32 bytes a step) and no copy in Sluice.
 //!
 //! Not here: HTTP, routing, limits. This crate knows JSON, not sockets.
 
@@ -20,5 +20,5 @@ mod props;
 
 pub use error::{ErrorBody, ErrorType};
 pub use filter::{Allowlist, DropReason, FieldPolicy, Policy, Verdict};
-pub use request::{Dropped, Endpoint, ParseError, Request, Shaped};
+pub use request::{Body, BodyBuf, Dropped, Endpoint, ParseError, Request, Shaped};
 pub use usage::{json_answer, usage_of_json, SseRelay, Usage};

@@ -1,10 +1,10 @@
 //! Parsing a client's request body once, and shaping it per deployment.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
+use smallvec::SmallVec;
 
 use crate::filter::{Policy, Verdict};
 
@@ -153,12 +153,16 @@ enum Key {
 }
 
 impl Field {
-    /// The key's text (`body` is the request's, as text: see [`Request::text`]).
-    fn key<'a>(&'a self, body: &'a str) -> &'a str {
+    /// The key's text (`body` is the request's). `parse` checked the body is UTF-8 and the
+    /// range lies between two quotes, so on char boundaries: this cannot fail (an empty key
+    /// would be the harmless fallback). Checking the key alone (a few bytes) costs less than
+    /// the body again, which for a long prompt is thousands of instructions.
+    fn key<'a>(&'a self, body: &'a [u8]) -> &'a str {
         match &self.key {
-            // The range lies between two quotes, so on char boundaries: this cannot fail; an
-            // empty key would be the harmless fallback.
-            Key::Plain(at) => body.get(at.clone()).unwrap_or_default(),
+            Key::Plain(at) => body
+                .get(at.clone())
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .unwrap_or_default(),
             Key::Decoded(key) => key,
         }
     }
@@ -184,12 +188,194 @@ pub struct Request {
 #[derive(Debug, Clone)]
 pub struct Shaped {
     /// The bytes to send.
-    pub body: Bytes,
+    pub body: Body,
     /// Sluice added `stream_options.include_usage` on its own account: the usage chunk must
     /// not reach the client.
     pub injected_usage: bool,
     /// Fields left out, with why (labels are bounded: see [`crate::filter::field_label`]).
     pub dropped: Vec<Dropped>,
+}
+
+/// A shaped body, in pieces: Sluice's own bytes (`{"model":` and the upstream's model name,
+/// separators, a `stream_options` it adds) and runs of the client's body, which are slices of
+/// it and not copies. The prompt is never copied on its way upstream: the upstream write hands
+/// the pieces to one vectored write ([`Body::buf`]). Fields kept side by side in the client's
+/// body are one run (the separators between them come along), so a typical body is three
+/// pieces: `{"model":"…",`, the client's fields from `messages` on, and `}`.
+#[derive(Clone, Default)]
+pub struct Body {
+    own: Bytes,
+    client: Bytes,
+    pieces: SmallVec<[Piece; 6]>,
+    len: usize,
+}
+
+/// Where a piece of a [`Body`] lies: in Sluice's own bytes or in the client's body.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    client: bool,
+    start: usize,
+    end: usize,
+}
+
+impl Body {
+    /// The body's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the body has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces, in order.
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        self.pieces.iter().map(|p| self.piece(p))
+    }
+
+    fn piece(&self, p: &Piece) -> &[u8] {
+        let from = if p.client { &self.client } else { &self.own };
+        from.get(p.start..p.end).unwrap_or_default()
+    }
+
+    /// The body in one buffer (a copy: for tests, and for a caller that needs one slice).
+    pub fn to_bytes(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.len);
+        for piece in self.pieces() {
+            out.extend_from_slice(piece);
+        }
+        Bytes::from(out)
+    }
+
+    /// The body as a [`Buf`] to write: its pieces as they are, several to a vectored write.
+    pub fn buf(&self) -> BodyBuf<'_> {
+        BodyBuf {
+            body: self,
+            next: 0,
+            at: 0,
+            left: self.len,
+        }
+    }
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The bytes are the client's prompt: never in logs.
+        f.debug_struct("Body")
+            .field("len", &self.len)
+            .field("pieces", &self.pieces.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Body`] being written: a [`Buf`] over its pieces.
+#[derive(Debug)]
+pub struct BodyBuf<'a> {
+    body: &'a Body,
+    /// The piece being written.
+    next: usize,
+    /// Bytes of it already written.
+    at: usize,
+    left: usize,
+}
+
+impl BodyBuf<'_> {
+    fn current(&self, index: usize) -> &[u8] {
+        self.body
+            .pieces
+            .get(index)
+            .map_or(&[][..], |p| self.body.piece(p))
+    }
+}
+
+impl Buf for BodyBuf<'_> {
+    fn remaining(&self) -> usize {
+        self.left
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.current(self.next).get(self.at..).unwrap_or_default()
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        cnt = cnt.min(self.left);
+        self.left -= cnt;
+        while self.next < self.body.pieces.len() {
+            let rest = self.current(self.next).len() - self.at.min(self.current(self.next).len());
+            if cnt < rest {
+                self.at += cnt;
+                return;
+            }
+            cnt -= rest;
+            self.next += 1;
+            self.at = 0;
+        }
+    }
+
+    fn chunks_vectored<'b>(&'b self, dst: &mut [std::io::IoSlice<'b>]) -> usize {
+        let mut filled = 0;
+        let mut at = self.at;
+        for index in self.next..self.body.pieces.len() {
+            let Some(slot) = dst.get_mut(filled) else {
+                break;
+            };
+            let piece = self.current(index).get(at..).unwrap_or_default();
+            at = 0;
+            if !piece.is_empty() {
+                *slot = std::io::IoSlice::new(piece);
+                filled += 1;
+            }
+        }
+        filled
+    }
+}
+
+/// Builds a [`Body`]: own bytes appended to one buffer, client runs as ranges; a piece that
+/// continues the last one (own after own, or a client run that picks up where the last
+/// ended) extends it.
+struct BodyBuilder {
+    own: Vec<u8>,
+    pieces: SmallVec<[Piece; 6]>,
+}
+
+impl BodyBuilder {
+    fn new(own_capacity: usize) -> Self {
+        Self {
+            own: Vec::with_capacity(own_capacity),
+            pieces: SmallVec::new(),
+        }
+    }
+
+    /// Appends own bytes, written by `write` into the own buffer.
+    fn own(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.own.len();
+        write(&mut self.own);
+        self.extend(false, start, self.own.len());
+    }
+
+    /// Appends the client's body bytes at `range`.
+    fn client(&mut self, range: Range<usize>) {
+        self.extend(true, range.start, range.end);
+    }
+
+    fn extend(&mut self, client: bool, start: usize, end: usize) {
+        match self.pieces.last_mut() {
+            Some(last) if last.client == client && last.end == start => last.end = end,
+            _ if start == end => {}
+            _ => self.pieces.push(Piece { client, start, end }),
+        }
+    }
+
+    fn finish(self, client: &Bytes) -> Body {
+        let len = self.pieces.iter().map(|p| p.end - p.start).sum();
+        Body {
+            own: Bytes::from(self.own),
+            client: client.clone(),
+            pieces: self.pieces,
+            len,
+        }
+    }
 }
 
 /// One field the filter left out.
@@ -227,16 +413,15 @@ impl Request {
         // simdutf8: the check runs over the whole body (the prompt), ~10x faster than std's.
         let text = simdutf8::basic::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
         check_structure(text.as_bytes(), MAX_DEPTH)?;
-        let raw = top_level_fields(text)?;
-        let mut fields = Vec::with_capacity(raw.len());
+        let fields = top_level_fields(text)?;
         let mut model = None;
         let mut stream = false;
         let mut max_tokens = None;
         let mut prompt_bytes = None;
         let mut client_wants_usage = false;
-        for (key, span) in raw {
-            let json = &text[span.clone()];
-            match &*key {
+        for field in &fields {
+            let json = text.get(field.value.clone()).unwrap_or_default();
+            match field.key(text.as_bytes()) {
                 "model" => {
                     let m: String =
                         serde_json::from_str(json).map_err(|_| ParseError::Invalid {
@@ -269,17 +454,6 @@ impl Request {
                 }
                 _ => {}
             }
-            // A borrowed key is a sub-slice of `text`, so its offset is exact.
-            fields.push(Field {
-                key: match key {
-                    Cow::Borrowed(k) => match span_of(text, k) {
-                        Some(at) => Key::Plain(at),
-                        None => Key::Decoded(k.to_owned()),
-                    },
-                    Cow::Owned(k) => Key::Decoded(k),
-                },
-                value: span,
-            });
         }
         let model = model.ok_or(ParseError::Missing("model"))?;
         let prompt_bytes = prompt_bytes.ok_or(ParseError::Missing(endpoint.prompt_field()))?;
@@ -329,15 +503,7 @@ impl Request {
 
     /// The top-level keys, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        let text = self.text();
-        self.fields.iter().map(move |f| f.key(text))
-    }
-
-    /// The body as text. `parse` checked it is UTF-8, so this cannot fail (an empty text
-    /// would be the harmless fallback); checking it once here is cheaper than checking each
-    /// key on its own (SIMD over the whole body against a call per key).
-    fn text(&self) -> &str {
-        simdutf8::basic::from_utf8(&self.body).unwrap_or_default()
+        self.fields.iter().map(|f| f.key(&self.body))
     }
 
     /// Whether the client asked for a final usage chunk in its stream.
@@ -346,8 +512,8 @@ impl Request {
     }
 
     /// The body to send upstream for a deployment: the fields `policy` allows, in their
-    /// order, values copied as raw bytes, with `model` set to `upstream_model` (and written
-    /// first). A stream also asks for `stream_options.include_usage`, so the response can
+    /// order, as the client wrote them (slices of its body: see [`Body`]), with `model` set to
+    /// `upstream_model` (and written first). A stream also asks for `stream_options.include_usage`, so the response can
     /// settle the token count.
     ///
     /// # Errors
@@ -358,14 +524,18 @@ impl Request {
             && self.endpoint != Endpoint::Embeddings
             && !self.client_wants_usage
             && options_allowed;
-        let mut out = Vec::with_capacity(self.body.len() + upstream_model.len() + 48);
-        out.extend_from_slice(b"{\"model\":");
-        write_json_string(&mut out, upstream_model);
+        let mut out = BodyBuilder::new(upstream_model.len() + 48);
+        out.own(|o| {
+            o.extend_from_slice(b"{\"model\":");
+            write_json_string(o, upstream_model);
+        });
         let mut wrote_options = false;
         let mut dropped = Vec::new();
-        let text = self.text();
-        for f in &self.fields {
-            let key = f.key(text);
+        // The field whose value ended the last piece, when that piece is the client's: the
+        // next field, if kept, continues it (the separator between them comes along).
+        let mut run_ends_with: Option<usize> = None;
+        for (i, f) in self.fields.iter().enumerate() {
+            let key = f.key(&self.body);
             if key == "model" {
                 continue;
             }
@@ -380,32 +550,44 @@ impl Request {
                 }
                 Verdict::Reject => return Err(ParseError::UnknownField(key.to_owned())),
             }
-            out.push(b',');
-            match &f.key {
-                // Valid JSON as it came: no escapes, and `parse` checked it has no control
-                // characters.
-                Key::Plain(_) => {
-                    out.push(b'"');
-                    out.extend_from_slice(key.as_bytes());
-                    out.push(b'"');
-                }
-                Key::Decoded(_) => write_json_string(&mut out, key),
+            let merge_usage = inject && key == "stream_options";
+            if let (Key::Plain(at), false) = (&f.key, merge_usage) {
+                // `"key": value` as it came (the key's quotes enclose its range; no escapes in
+                // it, and `parse` validated the body), continuing the previous field's run
+                // when that was the field before this one in the client's body.
+                let start = match i.checked_sub(1) {
+                    Some(before) if run_ends_with == Some(before) => self.fields[before].value.end,
+                    _ => {
+                        out.own(|o| o.push(b','));
+                        at.start.saturating_sub(1)
+                    }
+                };
+                out.client(start..f.value.end);
+                run_ends_with = Some(i);
+                continue;
             }
-            out.push(b':');
-            let raw = &self.body[f.value.clone()];
-            if inject && key == "stream_options" {
-                write_with_usage(&mut out, raw);
+            out.own(|o| {
+                o.push(b',');
+                write_json_string(o, key);
+                o.push(b':');
+            });
+            if merge_usage {
+                out.own(|o| write_with_usage(o, &self.body[f.value.clone()]));
                 wrote_options = true;
+                run_ends_with = None;
             } else {
-                out.extend_from_slice(raw);
+                out.client(f.value.clone());
+                run_ends_with = Some(i);
             }
         }
-        if inject && !wrote_options {
-            out.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
-        }
-        out.push(b'}');
+        out.own(|o| {
+            if inject && !wrote_options {
+                o.extend_from_slice(b",\"stream_options\":{\"include_usage\":true}");
+            }
+            o.push(b'}');
+        });
         Ok(Shaped {
-            body: Bytes::from(out),
+            body: out.finish(&self.body),
             injected_usage: inject,
             dropped,
         })
@@ -569,38 +751,41 @@ fn check_prompt(endpoint: Endpoint, json: &str) -> Result<usize, ParseError> {
     }
 }
 
-/// A top-level key (borrowed from the body when it has no escapes) and where its value lies.
-type TopField<'a> = (Cow<'a, str>, Range<usize>);
-
-/// Splits a JSON object into its top-level keys and where each value lies in `text`, and
-/// validates the whole of it (every value it steps over included), rejecting duplicate keys.
+/// Splits a JSON object into its top-level fields (where each key and value lie in `text`),
+/// and validates the whole of it (every value it steps over included), rejecting duplicate
+/// keys.
 ///
 /// sonic-rs's lazy object iterator does the walk: it skips a string 32 bytes a step (SIMD)
 /// checking escapes and control characters, where serde_json's goes 8 bytes a step (~2.8
 /// instructions a byte): on a 64 KiB prompt serde_json's walk was half of Sluice's CPU for the
 /// request. Each value comes back as the slice of `text` it spans (never a copy, even with
-/// escapes in it), and a key without escapes borrowed from `text`. UTF-8 was checked before.
-fn top_level_fields(text: &str) -> Result<Vec<TopField<'_>>, ParseError> {
-    let mut out: Vec<TopField<'_>> = Vec::with_capacity(16);
+/// escapes in it); each key decoded (see [`plain_key_at`] for where it lies). UTF-8 was
+/// checked before.
+fn top_level_fields(text: &str) -> Result<Vec<Field>, ParseError> {
+    let mut out: Vec<Field> = Vec::with_capacity(16);
     for entry in sonic_rs::to_object_iter(text) {
         let (key, value) = entry.map_err(|e| {
             // The message without the excerpt of the body sonic-rs appends after a blank line.
             let msg = e.to_string();
             ParseError::Json(msg.split("\n\n").next().unwrap_or_default().to_owned())
         })?;
-        let span = span_of(text, value.as_raw_str())
+        let value = span_of(text, value.as_raw_str())
             .ok_or_else(|| ParseError::Json("the request body could not be split".to_owned()))?;
-        if out.iter().any(|(k, _)| *k == key) {
+        if out.iter().any(|f| f.key(text.as_bytes()) == key) {
             return Err(ParseError::DuplicateKey(key.into_owned()));
         }
-        out.push((key, span));
+        let key = match plain_key_at(text, value.start, &key) {
+            Some(at) => Key::Plain(at),
+            None => Key::Decoded(key.into_owned()),
+        };
+        out.push(Field { key, value });
     }
     // The iterator stops at the object's closing brace without looking past it: after it
     // only whitespace may follow. (It checked that only whitespace and the brace follow the
     // last value, and with no fields that the text opens with `{`.)
     let after_last = out.last().map_or_else(
         || text.find('{').map_or(text.len(), |at| at + 1),
-        |(_, span)| span.end,
+        |f| f.value.end,
     );
     let rest = text[after_last..].trim_start_matches(is_json_space);
     match rest.strip_prefix('}') {
@@ -611,9 +796,34 @@ fn top_level_fields(text: &str) -> Result<Vec<TopField<'_>>, ParseError> {
     }
 }
 
+/// Where the key of the value starting at `value_start` lies in `text` (between its quotes),
+/// when it was written without escapes; `None` when it has escapes. `key` is the key decoded.
+///
+/// sonic-rs hands keys out decoded only, so their place is found from the value's: back over
+/// whitespace, the colon, whitespace, to the key's closing quote. A key without escapes is
+/// its decoded text, so it ends there, its opening quote just before it. A key with escapes is
+/// longer written than decoded: the decoded length back from the closing quote then lands
+/// inside it, and no such window can pass the test: it would have to hold no backslash and
+/// follow a `"`, which inside a key is the end of an escape (`\"`), leaving the window the
+/// plain tail after that escape: shorter than the decoded key, which holds the escaped `"` too.
+fn plain_key_at(text: &str, value_start: usize, key: &str) -> Option<Range<usize>> {
+    let before = text.get(..value_start)?.trim_end_matches(is_json_space);
+    let end = before
+        .strip_suffix(':')?
+        .trim_end_matches(is_json_space)
+        .strip_suffix('"')?
+        .len();
+    let start = end.checked_sub(key.len())?;
+    let written = text.get(start..end)?;
+    (written == key
+        && !written.contains('\\')
+        && text.as_bytes().get(start.checked_sub(1)?) == Some(&b'"'))
+    .then_some(start..end)
+}
+
 /// Where `part` lies in `text`, if it is a sub-slice of it. sonic-rs hands out sub-slices of
-/// its input (values, and keys without escapes); were that ever not so, a wrong offset would
-/// send the wrong bytes upstream, so it is checked rather than assumed (two compares).
+/// its input for values; were that ever not so, a wrong offset would send the wrong bytes
+/// upstream, so it is checked rather than assumed (two compares).
 fn span_of(text: &str, part: &str) -> Option<Range<usize>> {
     let start = (part.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
     let span = start..start.checked_add(part.len())?;
@@ -700,18 +910,29 @@ mod tests {
         let body = r#"{ "model" : "group", "messages":[{"role":"user","content":"a\u00e9\n"}],
             "temperature": 0.70, "weird\"key": {"x": [1, 2]} }"#;
         let r = parse(body).unwrap();
-        let out = r.shape("real-model", &open_policy()).unwrap().body;
+        let out = r
+            .shape("real-model", &open_policy())
+            .unwrap()
+            .body
+            .to_bytes();
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.starts_with(r#"{"model":"real-model","#), "{text}");
-        // Raw bytes, not re-encoded: the escape and the 0.70 survive as written.
+        // Raw bytes, not re-encoded: the escape, the 0.70 and the client's spacing between
+        // fields it kept side by side survive as written.
         assert!(text.contains(r#""content":"a\u00e9\n""#), "{text}");
-        assert!(text.contains(r#""temperature":0.70"#), "{text}");
+        assert!(
+            text.contains(
+                r#"}],
+            "temperature": 0.70,"#
+            ),
+            "{text}"
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["weird\"key"]["x"][1], 2);
         assert_eq!(v.as_object().unwrap().len(), 4);
         // The same body through the default policy: the unknown key is dropped and counted.
         let shaped = r.shape("real-model", &FieldPolicy::default()).unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&shaped.body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&shaped.body.to_bytes()).unwrap();
         assert!(v.get("weird\"key").is_none() && v["temperature"] == 0.7);
         assert_eq!(
             shaped.dropped,
@@ -722,6 +943,62 @@ mod tests {
         );
     }
 
+    /// The client's fields are slices of its body, not copies; fields side by side are one
+    /// run (a dropped field or a rewritten one ends it).
+    #[test]
+    fn a_shaped_body_is_own_bytes_and_runs_of_the_clients_body() {
+        let r = parse(r#"{"model":"g","messages":[1], "temperature": 0.5,"_x":1,"n":2}"#).unwrap();
+        let body = r.shape("real", &FieldPolicy::default()).unwrap().body;
+        let pieces: Vec<&[u8]> = body.pieces().collect();
+        assert_eq!(
+            pieces,
+            [
+                &br#"{"model":"real","#[..],
+                br#""messages":[1], "temperature": 0.5"#,
+                b",",
+                br#""n":2"#,
+                b"}",
+            ]
+        );
+        let client = r.body().as_ptr_range();
+        assert!(client.contains(&pieces[1].as_ptr()) && client.contains(&pieces[3].as_ptr()));
+        assert_eq!(body.len(), body.to_bytes().len());
+    }
+
+    /// A key is taken as written (a range of the body) exactly when it has no escapes,
+    /// however its escapes end (the decoded key's length back from the quote lands inside it).
+    #[test]
+    fn a_key_is_found_in_the_body_exactly_when_written_without_escapes() {
+        for (written, decoded) in [
+            ("a", "a"),
+            ("temperature", "temperature"),
+            (r#"a\"b"#, "a\"b"),
+            (r#"\"ab"#, "\"ab"),
+            (r#"ab\""#, "ab\""),
+            (r#"x\"\"yy"#, "x\"\"yy"),
+            (r#"\\"#, "\\"),
+            (r#"\"\\"#, "\"\\"),
+            (r#"q\u0041"#, "qA"),
+            (r#"\u00e9t\u00e9"#, "été"),
+        ] {
+            for spacing in ["", " \n\t"] {
+                let text = format!(r#"{{"k":1,"{written}"{spacing}:{spacing}[2]}}"#);
+                let value_start = text.find('[').unwrap();
+                let found = plain_key_at(&text, value_start, decoded);
+                if written.contains('\\') {
+                    assert_eq!(found, None, "{written}");
+                } else {
+                    assert_eq!(found.map(|at| &text[at]), Some(written), "{written}");
+                }
+                let r = parse(&format!(
+                    r#"{{"model":"a","messages":[],"{written}"{spacing}:{spacing}2}}"#
+                ))
+                .unwrap();
+                assert_eq!(r.keys().last(), Some(decoded));
+            }
+        }
+    }
+
     #[test]
     fn keys_with_escapes_are_read_and_written_decoded() {
         let r = parse(r#"{"model":"m","max_tok\u0065ns":5,"messages":[],"top_p":1}"#).unwrap();
@@ -730,7 +1007,7 @@ mod tests {
             r.keys().collect::<Vec<_>>(),
             ["model", "max_tokens", "messages", "top_p"]
         );
-        let out = r.shape("u", &open_policy()).unwrap().body;
+        let out = r.shape("u", &open_policy()).unwrap().body.to_bytes();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"u","max_tokens":5,"messages":[],"top_p":1}"#
@@ -749,13 +1026,13 @@ mod tests {
             .shape("u", &open_policy())
             .unwrap();
         assert!(plain.injected_usage);
-        let v: serde_json::Value = serde_json::from_slice(&plain.body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plain.body.to_bytes()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         let merged = parse(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"x":1},"messages":[]}"#)
             .unwrap()
             .shape("u", &open_policy())
             .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&merged.body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&merged.body.to_bytes()).unwrap();
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"include_usage": true, "x": 1})
@@ -778,7 +1055,7 @@ mod tests {
             .unwrap();
         assert!(
             !not_stream.injected_usage
-                && !std::str::from_utf8(&not_stream.body)
+                && !std::str::from_utf8(&not_stream.body.to_bytes())
                     .unwrap()
                     .contains("stream_options")
         );

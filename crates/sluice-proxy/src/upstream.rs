@@ -346,7 +346,7 @@ impl Upstream {
         &self,
         connections: &Connections,
         endpoint: Endpoint,
-        body: &Bytes,
+        body: &sluice_openai::Body,
         client: ClientHeaders<'_>,
         sent_at: Instant,
         deadline: Instant,
@@ -369,7 +369,7 @@ impl Upstream {
                 }
             };
             // The wait for the answer runs on the connection's own timer (`crate::alarm`).
-            match conn.exchange(&head, body, deadline).await {
+            match conn.exchange(&head, body.buf(), deadline).await {
                 Ok(answer) => return Ok(Exchange { answer }),
                 Err(e) if reused && e.stale() => continue, // try the next, or a fresh one
                 Err(h1::H1Error::TimedOut) => return Err(Failure::Timeout),

@@ -133,7 +133,7 @@ impl Conn {
     pub async fn exchange(
         mut self,
         head: &[u8],
-        body: &[u8],
+        body: impl Buf,
         deadline: Instant,
     ) -> Result<Answer, H1Error> {
         // The alarm is taken out for the wait (a pointer moved), which borrows the rest.
@@ -151,7 +151,11 @@ impl Conn {
     }
 
     /// [`Conn::exchange`] but for the deadline: the write, and the answer's head read.
-    async fn send(&mut self, head: &[u8], body: &[u8]) -> Result<(Head, Framing, bool), H1Error> {
+    async fn send(
+        &mut self,
+        head: &[u8],
+        body: impl Buf,
+    ) -> Result<(Head, Framing, bool), H1Error> {
         self.io.write_all_buf(&mut Buf::chain(head, body)).await?;
         self.io.flush().await?;
         // The buffer is empty here: a connection is pooled only with nothing left over.
