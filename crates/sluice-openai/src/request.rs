@@ -153,10 +153,19 @@ enum Key {
 }
 
 impl Field {
-    /// The key's text (`body` is the request's). `parse` checked the body is UTF-8 and the
-    /// range lies between two quotes, so on char boundaries: this cannot fail (an empty key
-    /// would be the harmless fallback). Checking the key alone (a few bytes) costs less than
-    /// the body again, which for a long prompt is thousands of instructions.
+    /// The key's text, from the body as text (as [`Request::parse`] has it): no check.
+    fn key_in<'a>(&'a self, text: &'a str) -> &'a str {
+        match &self.key {
+            // The range lies between two quotes, so on char boundaries: this cannot fail; an
+            // empty key would be the harmless fallback.
+            Key::Plain(at) => text.get(at.clone()).unwrap_or_default(),
+            Key::Decoded(key) => key,
+        }
+    }
+
+    /// The key's text, from the body as bytes (`parse` checked they are UTF-8, so this cannot
+    /// fail). Checking the key alone (a few bytes) costs less than the body again, which for a
+    /// long prompt is thousands of instructions.
     fn key<'a>(&'a self, body: &'a [u8]) -> &'a str {
         match &self.key {
             Key::Plain(at) => body
@@ -421,7 +430,7 @@ impl Request {
         let mut client_wants_usage = false;
         for field in &fields {
             let json = text.get(field.value.clone()).unwrap_or_default();
-            match field.key(text.as_bytes()) {
+            match field.key_in(text) {
                 "model" => {
                     let m: String =
                         serde_json::from_str(json).map_err(|_| ParseError::Invalid {
@@ -771,7 +780,7 @@ fn top_level_fields(text: &str) -> Result<Vec<Field>, ParseError> {
         })?;
         let value = span_of(text, value.as_raw_str())
             .ok_or_else(|| ParseError::Json("the request body could not be split".to_owned()))?;
-        if out.iter().any(|f| f.key(text.as_bytes()) == key) {
+        if out.iter().any(|f| f.key_in(text) == key) {
             return Err(ParseError::DuplicateKey(key.into_owned()));
         }
         let key = match plain_key_at(text, value.start, &key) {
