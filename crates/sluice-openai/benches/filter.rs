@@ -1,4 +1,5 @@
-//! Parse + filter a 1 MiB chat body, next to a `serde_json::Value` round trip of the same body;
+//! Parse + filter a 1 MiB chat body (of lines, and of one long run of letters), next to a
+//! `serde_json::Value` round trip of the latter;
 //! and shaping the load bench's small request through the policy as configured and through the
 //! allow-list compiled from it (what the request path uses).
 //! `cargo bench -p sluice-openai --bench filter`
@@ -10,10 +11,14 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_openai::{Endpoint, FieldPolicy, Request};
 
-fn body() -> Bytes {
-    // A long conversation: 64 messages of 16 KiB, plus the usual parameters and some junk.
+/// A long conversation: 64 messages of 16 KiB, plus the usual parameters and some junk; with
+/// `lines`, each message is lines of ~90 bytes (a `\n` escape each, as text and code have).
+fn body(lines: bool) -> Bytes {
     let content: String = (0..16 * 1024)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .map(|i| match i % 90 {
+            89 if lines => '\n',
+            _ => char::from(b'a' + (i % 26) as u8),
+        })
         .collect();
     let messages: Vec<serde_json::Value> = (0..64)
         .map(|i| serde_json::json!({"role": if i % 2 == 0 {"user"} else {"assistant"}, "content": content}))
@@ -27,8 +32,19 @@ fn body() -> Bytes {
 }
 
 fn filter(c: &mut Criterion) {
-    let body = body();
     let policy = FieldPolicy::default();
+    let lines = body(true);
+    let mut g = c.benchmark_group("filter_1MiB_lines");
+    g.throughput(Throughput::Bytes(lines.len() as u64));
+    g.bench_function("sluice parse + shape", |b| {
+        b.iter(|| {
+            let r = Request::parse(Endpoint::ChatCompletions, lines.clone()).unwrap();
+            r.shape("gpt-4o-2024-08-06", &policy).unwrap()
+        })
+    });
+    g.finish();
+
+    let body = body(false);
     let mut g = c.benchmark_group("filter_1MiB");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("sluice parse + shape", |b| {
