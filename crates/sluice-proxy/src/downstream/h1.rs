@@ -621,32 +621,32 @@ mod tests {
 
     /// A body that arrives in pieces (a client writing 64 KiB in 1 KiB writes) comes back
     /// whole, in one buffer made for it before the reads (its first bytes came with the head),
-    /// and a pipelined request after it stays buffered for the next head.
+    /// and a pipelined request after it stays buffered for the next head; so does a body
+    /// larger than the room made ahead of it (`BODY_AHEAD`), its buffer grown as it comes.
     #[tokio::test]
     async fn a_body_in_pieces_is_read_into_one_buffer_and_what_follows_is_kept() {
-        let (mut conn, mut client) = pair().await;
-        let body: Vec<u8> = (0..64 * 1024).map(|i| b"abcdefgh"[i % 8]).collect();
-        let head = format!(
-            "POST /v1/x HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let mut wire = head.into_bytes();
-        wire.extend_from_slice(&body);
-        wire.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
-        let writer = tokio::spawn(async move {
-            for piece in wire.chunks(1024) {
-                client.write_all(piece).await.unwrap();
-            }
-            client
-        });
-        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
-        assert_eq!(conn.body_len(), Some(body.len()));
-        let got = conn.read_whole_body().await.unwrap();
-        assert!(got == body, "the body came back changed");
-        let _client = writer.await.unwrap();
-        assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
-        assert_eq!(conn.path(), "/next");
-        assert_eq!(conn.body_len(), Some(0));
+        for (len, piece) in [(64 * 1024, 1024), (3 * BODY_AHEAD + 5, 16 * 1024)] {
+            let (mut conn, mut client) = pair().await;
+            let body: Vec<u8> = (0..len).map(|i| b"abcdefgh"[i % 8]).collect();
+            let head = format!("POST /v1/x HTTP/1.1\r\nContent-Length: {len}\r\n\r\n");
+            let mut wire = head.into_bytes();
+            wire.extend_from_slice(&body);
+            wire.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            let writer = tokio::spawn(async move {
+                for piece in wire.chunks(piece) {
+                    client.write_all(piece).await.unwrap();
+                }
+                client
+            });
+            assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+            assert_eq!(conn.body_len(), Some(len));
+            let got = conn.read_whole_body().await.unwrap();
+            assert!(got == body, "the body of {len} bytes came back changed");
+            let _client = writer.await.unwrap();
+            assert_eq!(conn.read_head().await.unwrap(), Head::Ready);
+            assert_eq!(conn.path(), "/next");
+            assert_eq!(conn.body_len(), Some(0));
+        }
     }
 
     /// A client that closes inside the body is an error, and the connection is not reused.
