@@ -522,8 +522,8 @@ impl Request {
 
     /// The body to send upstream for a deployment: the fields `policy` allows, in their
     /// order, as the client wrote them (slices of its body: see [`Body`]), with `model` set to
-    /// `upstream_model` (and written first). A stream also asks for `stream_options.include_usage`, so the response can
-    /// settle the token count.
+    /// `upstream_model` (and written first). A stream also asks for
+    /// `stream_options.include_usage`, so the response can settle the token count.
     ///
     /// # Errors
     /// [`ParseError::UnknownField`] when `policy` rejects unknown fields and one is present.

@@ -326,9 +326,9 @@ impl Conn {
         usize::try_from(self.body_left).ok()
     }
 
-    /// The rest of the request body, whole (its length is declared: see [`Conn::body_len`]). Room for the body is made before it
-    /// arrives, so the reads land in place and nothing is joined afterwards: one buffer, no
-    /// copy (a 64 KiB prompt came in eight pieces, joined by a copy of them all). The room
+    /// The rest of the request body, whole (its length is declared: see [`Conn::body_len`]).
+    /// Room for the body is made before it arrives, so the reads land in place and nothing is
+    /// joined afterwards: one buffer, no copy (a 64 KiB prompt came in eight pieces, joined by a copy of them all). The room
     /// made runs at most [`BODY_AHEAD`] beyond what has arrived, so a client that declares a
     /// large body and sends it slowly holds little more than it sent; a body larger than that
     /// grows its buffer as it comes (each growth at least doubles it).
@@ -336,8 +336,9 @@ impl Conn {
     /// # Errors
     /// A failed read, or the client closing inside the body.
     pub async fn read_whole_body(&mut self) -> io::Result<Bytes> {
-        let len = usize::try_from(self.body_left)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "body too large"))?;
+        let len = self
+            .body_len()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "body too large"))?;
         while self.buf.len() < len {
             let left = len - self.buf.len();
             if self.buf.capacity() - self.buf.len() < left {
