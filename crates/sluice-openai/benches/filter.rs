@@ -1,6 +1,6 @@
 //! Parse + filter a 1 MiB chat body (of lines, and of one long run of letters), next to a
 //! `serde_json::Value` round trip of the latter;
-//! and shaping the load bench's small request through the policy as configured and through the
+//! and parsing the load bench's small request, and shaping it through the policy as configured and through the
 //! allow-list compiled from it (what the request path uses).
 //! `cargo bench -p sluice-openai --bench filter`
 
@@ -67,7 +67,14 @@ fn filter(c: &mut Criterion) {
         r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}],"temperature":0.2,"max_tokens":64,"_client_trace":"x"}}"#,
         "The quick brown fox jumps over the lazy dog. ".repeat(30)
     );
-    let r = Request::parse(Endpoint::ChatCompletions, Bytes::from(small)).unwrap();
+    let small = Bytes::from(small);
+    let mut g = c.benchmark_group("parse_small");
+    g.throughput(Throughput::Bytes(small.len() as u64));
+    g.bench_function("Request::parse", |b| {
+        b.iter(|| Request::parse(Endpoint::ChatCompletions, small.clone()).unwrap())
+    });
+    g.finish();
+    let r = Request::parse(Endpoint::ChatCompletions, small).unwrap();
     let compiled = policy.compile();
     let mut g = c.benchmark_group("shape_small");
     g.bench_function("FieldPolicy", |b| {

@@ -191,7 +191,7 @@ proptest! {
         }
     }
 
-    /// The body's walk (sonic-rs) judges JSON as serde_json does: a body with bytes flipped is
+    /// The body's walk (`walk.rs`) judges JSON as serde_json does: a body with bytes flipped is
     /// refused as JSON (or as not UTF-8) exactly when serde_json finds it is no JSON object.
     #[test]
     fn json_is_judged_as_serde_json_judges_it(

@@ -7,15 +7,14 @@ use bytes::{Buf, Bytes};
 use smallvec::SmallVec;
 
 use crate::filter::{Policy, Verdict};
+use crate::walk;
 
 /// Largest `max_tokens` accepted. No model has a context anywhere near this; a larger value
 /// is a client bug, and letting it through would make the token reservation meaningless.
 pub const MAX_TOKENS_CEILING: u64 = 100_000_000;
 
-/// Deepest nesting of arrays and objects accepted: serde_json's own recursion limit. Values are
-/// kept raw (see [`Request::shape`]), and the walk that validates them (sonic-rs) recurses with
-/// no limit of its own, so Sluice checks the depth first: no body a provider's parser would
-/// refuse is forwarded, and none runs the walk off its thread's stack.
+/// Deepest nesting of arrays and objects accepted (the outer object counted): serde_json's own
+/// recursion limit, so no body a provider's parser would refuse for its depth is forwarded.
 pub const MAX_DEPTH: usize = 128;
 
 /// The OpenAI endpoints Sluice serves.
@@ -421,7 +420,6 @@ impl Request {
         }
         // simdutf8: the check runs over the whole body (the prompt), ~10x faster than std's.
         let text = simdutf8::basic::from_utf8(&body).map_err(|_| ParseError::NotUtf8)?;
-        check_structure(text.as_bytes(), MAX_DEPTH)?;
         let fields = top_level_fields(text)?;
         let mut model = None;
         let mut stream = false;
@@ -603,130 +601,6 @@ impl Request {
     }
 }
 
-/// Checks what the top-level walk does not look at: that arrays/objects nest at most `limit`
-/// deep, that every number fits a 64-bit float, and that every `\u` escape has its four hex
-/// digits (sonic-rs steps over them unread). Brackets and digits inside strings do not
-/// count; the JSON itself is validated separately. Strings (nearly all of a prompt's bytes)
-/// are skipped with a SIMD search for the next quote or backslash.
-fn check_structure(json: &[u8], limit: usize) -> Result<(), ParseError> {
-    let end_of = StringEnd::new();
-    let mut depth = 0usize;
-    let mut i = 0;
-    while let Some(&b) = json.get(i) {
-        match b {
-            b'"' => {
-                i += 1;
-                let mut escaped = false;
-                loop {
-                    let rest = &json[i.min(json.len())..];
-                    // After an escape the string goes on as long as before it, on average: a
-                    // prompt's line after its `\n`. The short-string head would be wasted
-                    // there (~100 instructions an escape); only a second escape right away is
-                    // looked for by hand (`\n\n`).
-                    let found = if escaped {
-                        match rest.first() {
-                            Some(b'"' | b'\\') => Some(0),
-                            _ => end_of.find(rest),
-                        }
-                    } else {
-                        end_of.quote_or_backslash(rest)
-                    };
-                    let Some(off) = found else {
-                        return Ok(()); // unterminated: the parser reports that
-                    };
-                    i += off;
-                    if json[i] == b'\\' {
-                        if json.get(i + 1) == Some(&b'u')
-                            && !json
-                                .get(i + 2..i + 6)
-                                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
-                        {
-                            return Err(ParseError::Json(
-                                "invalid escape: `\\u` must be followed by four hex digits"
-                                    .to_owned(),
-                            ));
-                        }
-                        i += 2; // skip the escaped byte (a `\u`'s digits are plain bytes)
-                        escaped = true;
-                    } else {
-                        i += 1;
-                        break;
-                    }
-                }
-                continue;
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > limit {
-                    return Err(ParseError::TooDeep);
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'-' | b'0'..=b'9' => {
-                let len = json[i..]
-                    .iter()
-                    .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
-                    .unwrap_or(json.len() - i);
-                let number = &json[i..i + len];
-                // Only an exponent or ~309 digits can overflow; the common number is skipped.
-                if number.len() > 300 || number.iter().any(|c| matches!(c, b'e' | b'E')) {
-                    let text = std::str::from_utf8(number).unwrap_or_default();
-                    if text.parse::<f64>().is_ok_and(|v| v.is_infinite()) {
-                        let shown: String = text.chars().take(40).collect();
-                        return Err(ParseError::NumberOutOfRange(shown));
-                    }
-                }
-                i += len;
-                continue;
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    Ok(())
-}
-
-/// The search for where a string's text ends: its closing `"` or a `\\`. On x86-64 it is
-/// memchr's AVX2 searcher, taken once per body: `memchr::memchr2` picks it anew on each call
-/// (~35 instructions of its ~95 a call; a prompt has a call per escape, a 64 KiB conversation
-/// of short lines ~700). Elsewhere, or without AVX2, `memchr2`.
-struct StringEnd {
-    #[cfg(target_arch = "x86_64")]
-    avx2: Option<memchr::arch::x86_64::avx2::memchr::Two>,
-}
-
-impl StringEnd {
-    fn new() -> Self {
-        Self {
-            #[cfg(target_arch = "x86_64")]
-            avx2: memchr::arch::x86_64::avx2::memchr::Two::new(b'"', b'\\'),
-        }
-    }
-
-    /// Where the first `"` or `\\` in `s` is.
-    fn find(&self, s: &[u8]) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(two) = &self.avx2 {
-            return two.find(s);
-        }
-        memchr::memchr2(b'"', b'\\', s)
-    }
-
-    /// [`StringEnd::find`] for a string just opened. Keys and most values (`"role"`,
-    /// `"user"`, model names) end within a few bytes, where looking byte by byte is cheaper
-    /// than setting up the SIMD search; a longer string (the prompt) is searched with it past
-    /// its first 16 bytes.
-    fn quote_or_backslash(&self, s: &[u8]) -> Option<usize> {
-        const SHORT: usize = 16;
-        let head = &s[..s.len().min(SHORT)];
-        match head.iter().position(|&b| b == b'"' || b == b'\\') {
-            Some(at) => Some(at),
-            None if s.len() <= SHORT => None,
-            None => self.find(&s[SHORT..]).map(|at| SHORT + at),
-        }
-    }
-}
-
 /// `stream_options` with `include_usage: true` merged in (the object is tiny).
 fn write_with_usage(out: &mut Vec<u8>, raw: &[u8]) {
     let mut map: serde_json::Map<String, serde_json::Value> =
@@ -789,87 +663,34 @@ fn check_prompt(endpoint: Endpoint, json: &str) -> Result<usize, ParseError> {
 }
 
 /// Splits a JSON object into its top-level fields (where each key and value lie in `text`),
-/// and validates the whole of it (every value it steps over included), rejecting duplicate
-/// keys.
-///
-/// sonic-rs's lazy object iterator does the walk: it skips a string 32 bytes a step (SIMD)
-/// checking escapes and control characters, where serde_json's goes 8 bytes a step (~2.8
-/// instructions a byte): on a 64 KiB prompt serde_json's walk was half of Sluice's CPU for the
-/// request. Each value comes back as the slice of `text` it spans (never a copy, even with
-/// escapes in it); each key decoded (see [`plain_key_at`] for where it lies). UTF-8 was
-/// checked before.
+/// validating the whole of it (every value it steps over included; see [`crate::walk`]) and
+/// rejecting duplicate keys. A key with escapes is decoded here (serde_json); the rest are
+/// ranges of the body.
 fn top_level_fields(text: &str) -> Result<Vec<Field>, ParseError> {
     let mut out: Vec<Field> = Vec::with_capacity(16);
-    for entry in sonic_rs::to_object_iter(text) {
-        let (key, value) = entry.map_err(|e| {
-            // The message without the excerpt of the body sonic-rs appends after a blank line.
-            let msg = e.to_string();
-            ParseError::Json(msg.split("\n\n").next().unwrap_or_default().to_owned())
-        })?;
-        let value = span_of(text, value.as_raw_str())
-            .ok_or_else(|| ParseError::Json("the request body could not be split".to_owned()))?;
-        if out.iter().any(|f| f.key_in(text) == key) {
-            return Err(ParseError::DuplicateKey(key.into_owned()));
-        }
-        let key = match plain_key_at(text, value.start, &key) {
-            Some(at) => Key::Plain(at),
-            None => Key::Decoded(key.into_owned()),
+    walk::object_fields(text.as_bytes(), MAX_DEPTH, |raw| {
+        let key = if raw.key_escaped {
+            let quoted = text
+                .get(raw.key.start - 1..raw.key.end + 1)
+                .unwrap_or_default();
+            let decoded: String = serde_json::from_str(quoted)
+                .map_err(|e| ParseError::Json(format!("an object key could not be read: {e}")))?;
+            Key::Decoded(decoded)
+        } else {
+            Key::Plain(raw.key)
         };
-        out.push(Field { key, value });
-    }
-    // The iterator stops at the object's closing brace without looking past it: after it
-    // only whitespace may follow. (It checked that only whitespace and the brace follow the
-    // last value, and with no fields that the text opens with `{`.)
-    let after_last = out.last().map_or_else(
-        || text.find('{').map_or(text.len(), |at| at + 1),
-        |f| f.value.end,
-    );
-    let rest = text[after_last..].trim_start_matches(is_json_space);
-    match rest.strip_prefix('}') {
-        Some(tail) if tail.trim_start_matches(is_json_space).is_empty() => Ok(out),
-        _ => Err(ParseError::Json(
-            "trailing characters after the JSON object".to_owned(),
-        )),
-    }
-}
-
-/// Where the key of the value starting at `value_start` lies in `text` (between its quotes),
-/// when it was written without escapes; `None` when it has escapes. `key` is the key decoded.
-///
-/// sonic-rs hands keys out decoded only, so their place is found from the value's: back over
-/// whitespace, the colon, whitespace, to the key's closing quote. A key without escapes is
-/// its decoded text, so it ends there, its opening quote just before it. A key with escapes is
-/// longer written than decoded: the decoded length back from the closing quote then lands
-/// inside it, and no such window can pass the test: it would have to hold no backslash and
-/// follow a `"`, which inside a key is the end of an escape (`\"`), leaving the window the
-/// plain tail after that escape: shorter than the decoded key, which holds the escaped `"` too.
-fn plain_key_at(text: &str, value_start: usize, key: &str) -> Option<Range<usize>> {
-    let before = text.get(..value_start)?.trim_end_matches(is_json_space);
-    let end = before
-        .strip_suffix(':')?
-        .trim_end_matches(is_json_space)
-        .strip_suffix('"')?
-        .len();
-    let start = end.checked_sub(key.len())?;
-    let written = text.get(start..end)?;
-    (written == key
-        && !written.contains('\\')
-        && text.as_bytes().get(start.checked_sub(1)?) == Some(&b'"'))
-    .then_some(start..end)
-}
-
-/// Where `part` lies in `text`, if it is a sub-slice of it. sonic-rs hands out sub-slices of
-/// its input for values; were that ever not so, a wrong offset would send the wrong bytes
-/// upstream, so it is checked rather than assumed (two compares).
-fn span_of(text: &str, part: &str) -> Option<Range<usize>> {
-    let start = (part.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
-    let span = start..start.checked_add(part.len())?;
-    (span.end <= text.len()).then_some(span)
-}
-
-/// JSON's whitespace (RFC 8259 §2), narrower than Rust's.
-fn is_json_space(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\n' | '\r')
+        let field = Field {
+            key,
+            value: raw.value,
+        };
+        let name = field.key_in(text);
+        if out.iter().any(|f| f.key_in(text) == name) {
+            return Err(ParseError::DuplicateKey(name.to_owned()));
+        }
+        out.push(field);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -892,25 +713,7 @@ mod tests {
     }
 
     #[test]
-    fn the_string_scan_finds_the_first_quote_or_backslash_on_either_side_of_16_bytes() {
-        let end_of = StringEnd::new();
-        for len in [0, 1, 15, 16, 17, 31, 32, 33, 40, 64, 65, 100] {
-            let plain = vec![b'a'; len];
-            assert_eq!(end_of.quote_or_backslash(&plain), None, "{len}");
-            assert_eq!(end_of.find(&plain), None, "{len}");
-            for at in 0..len {
-                for stop in [b'"', b'\\'] {
-                    let mut s = plain.clone();
-                    s[at] = stop;
-                    if at + 1 < len {
-                        s[len - 1] = b'"'; // a later one does not count
-                    }
-                    assert_eq!(end_of.quote_or_backslash(&s), Some(at), "{len} {at}");
-                    assert_eq!(end_of.find(&s), Some(at), "{len} {at}");
-                }
-            }
-        }
-        // Brackets inside a long string do not count towards the depth.
+    fn brackets_inside_a_string_do_not_count_towards_the_depth() {
         let deep = format!(
             "{{\"model\":\"m\",\"messages\":[],\"x\":\"{}\\\"{}\"}}",
             "a".repeat(20),
@@ -1005,10 +808,10 @@ mod tests {
         assert_eq!(body.len(), body.to_bytes().len());
     }
 
-    /// A key is taken as written (a range of the body) exactly when it has no escapes,
-    /// however its escapes end (the decoded key's length back from the quote lands inside it).
+    /// A key is taken as written (a range of the body) exactly when it has no escapes, and
+    /// read the same either way.
     #[test]
-    fn a_key_is_found_in_the_body_exactly_when_written_without_escapes() {
+    fn a_key_is_kept_as_written_exactly_when_it_has_no_escapes() {
         for (written, decoded) in [
             ("a", "a"),
             ("temperature", "temperature"),
@@ -1022,19 +825,20 @@ mod tests {
             (r#"\u00e9t\u00e9"#, "été"),
         ] {
             for spacing in ["", " \n\t"] {
-                let text = format!(r#"{{"k":1,"{written}"{spacing}:{spacing}[2]}}"#);
-                let value_start = text.find('[').unwrap();
-                let found = plain_key_at(&text, value_start, decoded);
-                if written.contains('\\') {
-                    assert_eq!(found, None, "{written}");
-                } else {
-                    assert_eq!(found.map(|at| &text[at]), Some(written), "{written}");
-                }
                 let r = parse(&format!(
                     r#"{{"model":"a","messages":[],"{written}"{spacing}:{spacing}2}}"#
                 ))
                 .unwrap();
                 assert_eq!(r.keys().last(), Some(decoded));
+                let kept = r.fields.last().map(|f| &f.key);
+                match kept {
+                    Some(Key::Plain(at)) => {
+                        assert!(!written.contains('\\'));
+                        assert_eq!(&r.body()[at.clone()], written.as_bytes());
+                    }
+                    Some(Key::Decoded(_)) => assert!(written.contains('\\'), "{written}"),
+                    None => panic!("no fields"),
+                }
             }
         }
     }
@@ -1202,7 +1006,7 @@ mod tests {
     }
 
     /// Strings, numbers and literals at the edges of the grammar are judged as serde_json's
-    /// walk over a raw value judged them (Sluice's walk before sonic-rs; the property test
+    /// walk over a raw value judges them (the property test
     /// `json_is_judged_as_serde_json_judges_it` flips bytes at random, these are the cases
     /// random flips seldom make). Like it, a lone surrogate escape (`"\ud800"`) passes: what
     /// it stands for is the reader's business, and Python's `json` reads it.
@@ -1267,8 +1071,9 @@ mod tests {
         }
     }
 
-    /// The walk steps into nested values by recursion: at the deepest nesting accepted it
-    /// must fit well within a worker thread's stack (2 MiB), here in an eighth of it.
+    /// The deepest nesting accepted parses well within a worker thread's stack (2 MiB), here
+    /// in an eighth of it (the walk does not recurse; serde_json, reading a decoded key or a
+    /// field's value, never sees a nested one deeper than it allows).
     #[test]
     fn the_deepest_body_accepted_parses_on_a_small_stack() {
         let deepest = format!(

@@ -1,0 +1,596 @@
+//! One pass over a request body: it validates the whole text by JSON's grammar (RFC 8259, as
+//! serde_json judges it), holds it to the depth and number limits, and says where each
+//! top-level field's key and value lie.
+//!
+//! Strings are nearly all of a prompt's bytes, so they are scanned 64 bytes a step: a block
+//! gives three bitmasks (quotes, backslashes, control bytes), and escapes are resolved with
+//! carries across the backslash mask (the method of Langdale and Lemire, "Parsing Gigabytes
+//! of JSON per Second", 2019, §3.1.1), so an escape costs a few instructions in the block it
+//! is found in. A search that stops at each backslash (memchr's, sonic-rs's) restarts there:
+//! ~300 instructions an escape in the two passes Sluice made before, and a conversation has
+//! one every line (`\n`), ~700 in 64 KiB.
+//!
+//! Between strings (a chat request's few structural bytes) the grammar is a state machine over
+//! bytes, with the nesting kept as a 128-bit stack (a bit a level: object or array), so no
+//! recursion: the deepest body accepted needs no more stack than the flattest.
+
+use std::ops::Range;
+
+use crate::ParseError;
+
+/// A top-level field: its key's text between the quotes, whether that has escapes, and its
+/// value's bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawField {
+    pub key: Range<usize>,
+    pub key_escaped: bool,
+    pub value: Range<usize>,
+}
+
+/// What the walk expects next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// A key, or `}` (just after `{`).
+    FirstKey,
+    /// A key (after `,` in an object).
+    Key,
+    /// A value, or `]` (just after `[`).
+    FirstValue,
+    /// A value (after `:`, or `,` in an array).
+    Value,
+    /// `,` or the container's closing bracket.
+    AfterValue,
+}
+
+/// Walks `json`, which must be one JSON object and nothing but whitespace around it, calling
+/// `field` for each of its own fields in order. Arrays and objects may nest `limit` deep, the
+/// outer object counted.
+///
+/// # Errors
+/// [`ParseError::Json`] (where, by line and column, and what was expected),
+/// [`ParseError::TooDeep`], [`ParseError::NumberOutOfRange`], or what `field` returns; the
+/// first met, reading from the start.
+pub(crate) fn object_fields(
+    json: &[u8],
+    limit: usize,
+    mut field: impl FnMut(RawField) -> Result<(), ParseError>,
+) -> Result<(), ParseError> {
+    let mut i = skip_space(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return Err(syntax(json, i, "expected a JSON object (`{`)"));
+    }
+    // Bit 0 is the innermost open container, 1 for an object; 128 bits, 128 levels.
+    let limit = limit.min(128);
+    let mut stack: u128 = 0;
+    let mut depth = 0usize;
+    let mut state = State::Value;
+    let mut key = 0..0;
+    let mut key_escaped = false;
+    let mut value_start = 0;
+    loop {
+        i = skip_space(json, i);
+        let Some(&b) = json.get(i) else {
+            return Err(syntax(json, i, "unexpected end of the body"));
+        };
+        // Each arm either goes on to the next byte (`continue`) or ends a value at `i`.
+        match (state, b) {
+            (State::FirstKey | State::Key, b'"') => {
+                let (end, escaped) = string_end(json, i + 1)?;
+                if depth == 1 {
+                    key = i + 1..end;
+                    key_escaped = escaped;
+                }
+                i = skip_space(json, end + 1);
+                if json.get(i) != Some(&b':') {
+                    return Err(syntax(json, i, "expected `:` after an object key"));
+                }
+                i += 1;
+                state = State::Value;
+                continue;
+            }
+            (State::FirstKey, b'}') | (State::FirstValue, b']') => {
+                i += 1;
+                depth -= 1;
+                stack >>= 1;
+            }
+            (State::FirstKey | State::Key, _) => {
+                return Err(syntax(json, i, "expected an object key (a string)"));
+            }
+            (State::FirstValue | State::Value, b'{' | b'[') => {
+                if depth >= limit {
+                    return Err(ParseError::TooDeep);
+                }
+                if depth == 1 {
+                    value_start = i;
+                }
+                depth += 1;
+                let object = b == b'{';
+                stack = (stack << 1) | u128::from(object);
+                state = if object {
+                    State::FirstKey
+                } else {
+                    State::FirstValue
+                };
+                i += 1;
+                continue;
+            }
+            (State::FirstValue | State::Value, _) => {
+                if depth == 1 {
+                    value_start = i;
+                }
+                i = scalar_end(json, i)?;
+            }
+            (State::AfterValue, b',') => {
+                state = if stack & 1 == 1 {
+                    State::Key
+                } else {
+                    State::Value
+                };
+                i += 1;
+                continue;
+            }
+            (State::AfterValue, b'}' | b']') if (b == b'}') == (stack & 1 == 1) => {
+                i += 1;
+                depth -= 1;
+                stack >>= 1;
+            }
+            (State::AfterValue, _) => {
+                let what = if stack & 1 == 1 {
+                    "expected `,` or `}` after an object value"
+                } else {
+                    "expected `,` or `]` after an array element"
+                };
+                return Err(syntax(json, i, what));
+            }
+        }
+        // A value ended just before `i`.
+        match depth {
+            0 => {
+                let end = skip_space(json, i);
+                return if end == json.len() {
+                    Ok(())
+                } else {
+                    Err(syntax(
+                        json,
+                        end,
+                        "trailing characters after the JSON object",
+                    ))
+                };
+            }
+            1 => field(RawField {
+                key: key.clone(),
+                key_escaped,
+                value: value_start..i,
+            })?,
+            _ => {}
+        }
+        state = State::AfterValue;
+    }
+}
+
+/// The index past the string, number or literal starting at `start`.
+fn scalar_end(json: &[u8], start: usize) -> Result<usize, ParseError> {
+    let literal = |word: &[u8]| {
+        let end = start + word.len();
+        if json.get(start..end) == Some(word) {
+            Ok(end)
+        } else {
+            Err(syntax(json, start, "expected a value"))
+        }
+    };
+    match json.get(start) {
+        Some(b'"') => string_end(json, start + 1).map(|(end, _)| end + 1),
+        Some(b'-' | b'0'..=b'9') => number_end(json, start),
+        Some(b't') => literal(b"true"),
+        Some(b'f') => literal(b"false"),
+        Some(b'n') => literal(b"null"),
+        _ => Err(syntax(json, start, "expected a value")),
+    }
+}
+
+/// The index past the number starting at `start`:
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`, and one a 64-bit float holds
+/// (`1e999` is grammatical; no provider can read it).
+fn number_end(json: &[u8], start: usize) -> Result<usize, ParseError> {
+    let digits_from = |at: usize| {
+        at + json
+            .get(at..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    };
+    let bad = || syntax(json, start, "invalid number");
+    let mut i = start + usize::from(json.get(start) == Some(&b'-'));
+    i = match json.get(i) {
+        Some(b'0') => i + 1,
+        Some(b'1'..=b'9') => digits_from(i + 1),
+        _ => return Err(bad()),
+    };
+    if json.get(i) == Some(&b'.') {
+        let end = digits_from(i + 1);
+        if end == i + 1 {
+            return Err(bad());
+        }
+        i = end;
+    }
+    let mut exponent = false;
+    if matches!(json.get(i), Some(b'e' | b'E')) {
+        exponent = true;
+        i += 1 + usize::from(matches!(json.get(i + 1), Some(b'+' | b'-')));
+        let end = digits_from(i);
+        if end == i {
+            return Err(bad());
+        }
+        i = end;
+    }
+    // Only an exponent or ~309 digits can overflow; the common number is not converted.
+    if exponent || i - start > 300 {
+        let text = std::str::from_utf8(&json[start..i]).unwrap_or_default();
+        if text.parse::<f64>().is_ok_and(f64::is_infinite) {
+            return Err(ParseError::NumberOutOfRange(
+                text.chars().take(40).collect(),
+            ));
+        }
+    }
+    Ok(i)
+}
+
+/// Alternate bits, from bit 0: the even positions of a block.
+const EVEN: u64 = 0x5555_5555_5555_5555;
+
+/// Where the string whose text starts at `start` ends (the index of its closing quote), and
+/// whether it has escapes; checks that it has no control bytes and only JSON's escapes.
+fn string_end(json: &[u8], start: usize) -> Result<(usize, bool), ParseError> {
+    let mut at = start;
+    // 1 when the block's first byte is escaped by a backslash at the end of the block before.
+    let mut carry = 0u64;
+    let mut has_escapes = false;
+    loop {
+        let rest = json.get(at..).unwrap_or_default();
+        let (masks, len) = match rest.first_chunk::<64>() {
+            // Most of a long string: a block of plain text, passed with one test.
+            Some(block) if carry == 0 && Masks::plain(block) => {
+                at += 64;
+                continue;
+            }
+            Some(block) => (Masks::of(block), 64),
+            None => {
+                // The body's last bytes, padded with spaces: no quote, backslash or control
+                // byte, so the padding can neither end the string nor fail it.
+                let mut block = [b' '; 64];
+                block[..rest.len()].copy_from_slice(rest);
+                (Masks::of(&block), rest.len())
+            }
+        };
+        let backslash = masks.backslash & !carry; // an escaped backslash escapes nothing
+        let escaped = if backslash == 0 {
+            std::mem::take(&mut carry)
+        } else {
+            // In a run of backslashes every other one escapes the next byte, so the byte after
+            // the run is escaped when the run is odd. Adding a run's first bit to the run
+            // carries it to the byte after; that byte's parity against the start's tells the
+            // run's length. Runs starting on even and on odd bits are added apart, so one
+            // parity test serves each; an odd-started run that reaches bit 63 carries out,
+            // escaping the next block's first byte.
+            let starts = backslash & !(backslash << 1);
+            let after_even = backslash.wrapping_add(starts & EVEN) & !backslash;
+            let (odd_sum, carry_out) = backslash.overflowing_add(starts & !EVEN);
+            let after_odd = odd_sum & !backslash;
+            let escaped = (after_even & !EVEN) | (after_odd & EVEN) | carry;
+            carry = u64::from(carry_out);
+            escaped
+        };
+        let quotes = masks.quote & !escaped;
+        let end = quotes.trailing_zeros() as usize; // 64 when none
+        let before = if end >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << end) - 1
+        };
+        has_escapes |= masks.backslash & before != 0; // not those after the string
+        let control = masks.control & before;
+        if control != 0 {
+            let at = at + control.trailing_zeros() as usize;
+            return Err(syntax(json, at, "control character in a string"));
+        }
+        let within = if len == 64 {
+            u64::MAX
+        } else {
+            (1u64 << len) - 1
+        };
+        let mut check = escaped & before & within;
+        while check != 0 {
+            check_escape(json, at + check.trailing_zeros() as usize)?;
+            check &= check - 1;
+        }
+        if end < 64 {
+            return Ok((at + end, has_escapes));
+        }
+        if len < 64 {
+            return Err(syntax(json, json.len(), "unterminated string"));
+        }
+        at += 64;
+    }
+}
+
+/// Checks the escaped byte at `at` (a backslash before it): one of JSON's escapes, `\u` with
+/// four hex digits. A lone surrogate (`\ud800`) passes, as serde_json lets it.
+fn check_escape(json: &[u8], at: usize) -> Result<(), ParseError> {
+    match json.get(at) {
+        Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(()),
+        Some(b'u')
+            if json
+                .get(at + 1..at + 5)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit)) =>
+        {
+            Ok(())
+        }
+        _ => Err(syntax(
+            json,
+            at.saturating_sub(1),
+            "invalid escape in a string",
+        )),
+    }
+}
+
+fn skip_space(json: &[u8], mut i: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = json.get(i) {
+        i += 1;
+    }
+    i
+}
+
+/// A [`ParseError::Json`] saying what was expected and where (line and column, from 1).
+fn syntax(json: &[u8], at: usize, what: &str) -> ParseError {
+    let before = json.get(..at).unwrap_or(json);
+    let line = 1 + memchr::memchr_iter(b'\n', before).count();
+    let column = 1 + before.len() - memchr::memrchr(b'\n', before).map_or(0, |nl| nl + 1);
+    ParseError::Json(format!("{what} at line {line} column {column}"))
+}
+
+/// A block's bytes that are `"`, `\` and below 0x20, as bits (bit n for byte n).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    control: u64,
+}
+
+impl Masks {
+    /// SSE2 (every x86-64 has it): 16 bytes a compare, four per block.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    #[allow(unsafe_code)]
+    fn of(block: &[u8; 64]) -> Self {
+        // SAFETY: `sse2` is the one feature `sse2_masks` needs, and the `cfg` above compiles
+        // this call only for targets that have it (it is in x86-64's baseline).
+        unsafe { sse2_masks(block) }
+    }
+
+    /// Whether the block has no quote, backslash or control byte: [`Masks::of`] all zero,
+    /// cheaper (the compares are combined before the one bitmask is taken).
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+    #[allow(unsafe_code)]
+    fn plain(block: &[u8; 64]) -> bool {
+        // SAFETY: as in `Masks::of`.
+        unsafe { sse2_plain(block) }
+    }
+
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    fn plain(block: &[u8; 64]) -> bool {
+        Self::of(block) == Self::default()
+    }
+
+    /// Elsewhere, byte by byte (the compiler vectorises what it can).
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
+    fn of(block: &[u8; 64]) -> Self {
+        Self::bytewise(block)
+    }
+
+    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
+    fn bytewise(block: &[u8; 64]) -> Self {
+        let mut m = Self::default();
+        for (n, &b) in block.iter().enumerate() {
+            m.quote |= u64::from(b == b'"') << n;
+            m.backslash |= u64::from(b == b'\\') << n;
+            m.control |= u64::from(b < 0x20) << n;
+        }
+        m
+    }
+}
+
+/// [`Masks::of`] with SSE2's compares.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[target_feature(enable = "sse2")]
+#[allow(unsafe_code)]
+fn sse2_masks(block: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_set1_epi8,
+    };
+    let quote = _mm_set1_epi8(b'"' as i8);
+    let backslash = _mm_set1_epi8(b'\\' as i8);
+    let below_space = _mm_set1_epi8(0x1f);
+    let bits = |v: __m128i| u64::from(_mm_movemask_epi8(v) as u16);
+    let mut m = Masks::default();
+    for (k, lane) in block.chunks_exact(16).enumerate() {
+        // SAFETY: `lane` is 16 bytes of `block` (`chunks_exact(16)`), all readable, and
+        // `_mm_loadu_si128` reads exactly 16 bytes with no alignment requirement.
+        let v = unsafe { _mm_loadu_si128(lane.as_ptr().cast::<__m128i>()) };
+        let shift = 16 * k;
+        m.quote |= bits(_mm_cmpeq_epi8(v, quote)) << shift;
+        m.backslash |= bits(_mm_cmpeq_epi8(v, backslash)) << shift;
+        // max(byte, 0x1f) == 0x1f exactly when byte <= 0x1f, unsigned.
+        m.control |= bits(_mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space)) << shift;
+    }
+    m
+}
+
+/// [`Masks::plain`] with SSE2's compares.
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
+#[target_feature(enable = "sse2")]
+#[allow(unsafe_code)]
+fn sse2_plain(block: &[u8; 64]) -> bool {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8, _mm_setzero_si128,
+    };
+    let quote = _mm_set1_epi8(b'"' as i8);
+    let backslash = _mm_set1_epi8(b'\\' as i8);
+    let below_space = _mm_set1_epi8(0x1f);
+    let mut special = _mm_setzero_si128();
+    for lane in block.chunks_exact(16) {
+        // SAFETY: as in `sse2_masks`.
+        let v = unsafe { _mm_loadu_si128(lane.as_ptr().cast::<__m128i>()) };
+        let stop = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
+        let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
+        special = _mm_or_si128(special, _mm_or_si128(stop, control));
+    }
+    _mm_movemask_epi8(special) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: &str) -> Result<Vec<RawField>, ParseError> {
+        let mut out = Vec::new();
+        object_fields(json.as_bytes(), 128, |f| {
+            out.push(f);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn the_block_masks_are_the_bytes_compared_one_by_one() {
+        let block: [u8; 64] = std::array::from_fn(|n| match n % 7 {
+            0 => b'"',
+            1 => b'\\',
+            2 => n as u8 % 0x20,
+            3 => 0x1f + (n as u8 % 3), // 0x1f, 0x20, 0x21 at the edge
+            4 => 0x80 | n as u8,       // UTF-8 continuation and lead bytes are text
+            _ => b'a' + n as u8 % 26,
+        });
+        assert_eq!(Masks::of(&block), Masks::bytewise(&block));
+        assert!(!Masks::plain(&block));
+        let text: [u8; 64] = std::array::from_fn(|n| 0x20 + ((n * 7) % 0x60) as u8);
+        let text = text.map(|b| if b == b'"' || b == b'\\' { b'a' } else { b });
+        assert!(Masks::plain(&text) && Masks::bytewise(&text) == Masks::default());
+        for (n, special) in [(0, b'"'), (17, b'\\'), (40, 0x1f), (63, 0)] {
+            let mut one = text;
+            one[n] = special;
+            assert!(!Masks::plain(&one), "{special:#x} at {n}");
+        }
+        let m = Masks::of(&block);
+        assert!(m.quote != 0 && m.backslash != 0 && m.control != 0);
+        assert_eq!(m.control & (1 << 4), 0, "0x84 is not a control byte");
+    }
+
+    /// Keys and values are where they are written; nested fields are not top-level ones.
+    #[test]
+    fn top_level_fields_are_found_with_their_spans() {
+        let text = r#" { "a" : [1, {"b": 2}] ,"c\"d":"x\\", "e":{}, "f":-1.5e3,"g":null } "#;
+        let found = fields(text).unwrap();
+        let shown: Vec<(&str, bool, &str)> = found
+            .iter()
+            .map(|f| (&text[f.key.clone()], f.key_escaped, &text[f.value.clone()]))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("a", false, r#"[1, {"b": 2}]"#),
+                (r#"c\"d"#, true, r#""x\\""#),
+                ("e", false, "{}"),
+                ("f", false, "-1.5e3"),
+                ("g", false, "null"),
+            ]
+        );
+        assert_eq!(fields("{}").unwrap(), []);
+    }
+
+    /// Escapes of every kind (and bad ones, and control bytes) at every offset from a block's
+    /// start, runs of backslashes across a block's end included: the string ends where
+    /// serde_json says, and reads as serde_json reads it, or both refuse it.
+    #[test]
+    fn strings_are_judged_as_serde_json_judges_them_wherever_the_blocks_fall() {
+        let pieces = [
+            r"\n",
+            r"\\",
+            r#"\""#,
+            r#"\\\""#,
+            r"\\\\",
+            r"\u00e9",
+            r"\ud83d\ude00",
+            r"\/",
+            r"\x",
+            r"\u12",
+            "\u{1}",
+            "\t",
+            "\u{7f}",
+            "é",
+        ];
+        for piece in pieces {
+            for offset in 0..140 {
+                let value = format!(
+                    r#""{}{piece}{}""#,
+                    "a".repeat(offset),
+                    "b".repeat(offset % 67)
+                );
+                // Positioned so the string's text starts at several block alignments.
+                let text = format!(r#"{{"key":{value},"n":1}}"#);
+                let expected = serde_json::from_str::<String>(&value).ok();
+                match fields(&text) {
+                    Ok(found) => {
+                        let got = &text[found[0].value.clone()];
+                        assert_eq!(got, value, "{piece:?} at {offset}");
+                        assert!(expected.is_some(), "{piece:?} at {offset}: accepted");
+                        assert_eq!(found.len(), 2);
+                    }
+                    Err(e) => assert!(expected.is_none(), "{piece:?} at {offset}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Runs of 1 to 9 backslashes ending on each side of a block boundary: an odd run escapes
+    /// the quote after it (the string goes on), an even one does not (it ends there).
+    #[test]
+    fn backslash_runs_across_block_ends_escape_by_their_parity() {
+        for run in 1..10 {
+            for offset in 50..80 {
+                let text = format!(
+                    r#"{{"k":"{}{}"x","n":1}}"#,
+                    "a".repeat(offset),
+                    "\\".repeat(run)
+                );
+                let result = fields(&text);
+                let serde_ok = serde_json::from_str::<
+                    std::collections::BTreeMap<String, serde_json::Value>,
+                >(&text)
+                .is_ok();
+                assert_eq!(
+                    result.is_ok(),
+                    serde_ok,
+                    "run {run} at {offset}: {result:?}"
+                );
+                if let Ok(found) = result {
+                    let value = &text[found[0].value.clone()];
+                    assert!(value.ends_with("\"x\""), "run {run} at {offset}: {value}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let err = fields("{\n  \"a\": 1,\n  \"b\" 2\n}").unwrap_err();
+        assert_eq!(
+            err,
+            ParseError::Json("expected `:` after an object key at line 3 column 7".into())
+        );
+        assert!(
+            matches!(fields(r#"{"a":"b"#), Err(ParseError::Json(m)) if m.starts_with("unterminated string"))
+        );
+        assert!(matches!(fields("[]"), Err(ParseError::Json(m)) if m.contains("object")));
+    }
+}
