@@ -2,7 +2,8 @@
 //! serde_json judges it), holds it to the depth and number limits, and says where each
 //! top-level field's key and value lie.
 //!
-//! Strings are nearly all of a prompt's bytes, so they are scanned 64 bytes a step: a block
+//! Strings are nearly all of a prompt's bytes, so they are scanned 64 bytes a step (AVX2
+//! where the CPU has it, looked up once a body; else SSE2, which every x86-64 has): a block
 //! gives three bitmasks (quotes, backslashes, control bytes), and escapes are resolved with
 //! carries across the backslash mask (the method of Langdale and Lemire, "Parsing Gigabytes
 //! of JSON per Second", 2019, §3.1.1), so an escape costs a few instructions in the block it
@@ -53,6 +54,44 @@ enum State {
 pub(crate) fn object_fields(
     json: &[u8],
     limit: usize,
+    field: impl FnMut(RawField) -> Result<(), ParseError>,
+) -> Result<(), ParseError> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx2) = Avx2::detect() {
+        return walk_avx2(avx2, json, limit, field);
+    }
+    walk(Native::default(), json, limit, field)
+}
+
+/// [`walk`] compiled for AVX2, the block scans inlined into it.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn walk_avx2(
+    avx2: Avx2,
+    json: &[u8],
+    limit: usize,
+    field: impl FnMut(RawField) -> Result<(), ParseError>,
+) -> Result<(), ParseError> {
+    #[target_feature(enable = "avx2")]
+    fn walk_in(
+        avx2: Avx2,
+        json: &[u8],
+        limit: usize,
+        field: impl FnMut(RawField) -> Result<(), ParseError>,
+    ) -> Result<(), ParseError> {
+        walk(avx2, json, limit, field)
+    }
+    // SAFETY: an `Avx2` is made only where the CPU has AVX2 (`Avx2::detect`), the one feature
+    // `walk_in` is compiled for.
+    unsafe { walk_in(avx2, json, limit, field) }
+}
+
+/// [`object_fields`] with `blocks` scanning the strings.
+#[inline(always)]
+fn walk<B: Blocks>(
+    blocks: B,
+    json: &[u8],
+    limit: usize,
     mut field: impl FnMut(RawField) -> Result<(), ParseError>,
 ) -> Result<(), ParseError> {
     let mut i = skip_space(json, 0);
@@ -75,7 +114,7 @@ pub(crate) fn object_fields(
         // Each arm either goes on to the next byte (`continue`) or ends a value at `i`.
         match (state, b) {
             (State::FirstKey | State::Key, b'"') => {
-                let (end, escaped) = string_end(json, i + 1)?;
+                let (end, escaped) = string_end(blocks, json, i + 1)?;
                 if depth == 1 {
                     key = i + 1..end;
                     key_escaped = escaped;
@@ -118,7 +157,7 @@ pub(crate) fn object_fields(
                 if depth == 1 {
                     value_start = i;
                 }
-                i = scalar_end(json, i)?;
+                i = scalar_end(blocks, json, i)?;
             }
             (State::AfterValue, b',') => {
                 state = if stack & 1 == 1 {
@@ -169,7 +208,8 @@ pub(crate) fn object_fields(
 }
 
 /// The index past the string, number or literal starting at `start`.
-fn scalar_end(json: &[u8], start: usize) -> Result<usize, ParseError> {
+#[inline(always)]
+fn scalar_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<usize, ParseError> {
     let literal = |word: &[u8]| {
         let end = start + word.len();
         if json.get(start..end) == Some(word) {
@@ -179,7 +219,7 @@ fn scalar_end(json: &[u8], start: usize) -> Result<usize, ParseError> {
         }
     };
     match json.get(start) {
-        Some(b'"') => string_end(json, start + 1).map(|(end, _)| end + 1),
+        Some(b'"') => string_end(blocks, json, start + 1).map(|(end, _)| end + 1),
         Some(b'-' | b'0'..=b'9') => number_end(json, start),
         Some(b't') => literal(b"true"),
         Some(b'f') => literal(b"false"),
@@ -241,7 +281,8 @@ const EVEN: u64 = 0x5555_5555_5555_5555;
 
 /// Where the string whose text starts at `start` ends (the index of its closing quote), and
 /// whether it has escapes; checks that it has no control bytes and only JSON's escapes.
-fn string_end(json: &[u8], start: usize) -> Result<(usize, bool), ParseError> {
+#[inline(always)]
+fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, bool), ParseError> {
     let mut at = start;
     // 1 when the block's first byte is escaped by a backslash at the end of the block before.
     let mut carry = 0u64;
@@ -250,17 +291,17 @@ fn string_end(json: &[u8], start: usize) -> Result<(usize, bool), ParseError> {
         let rest = json.get(at..).unwrap_or_default();
         let (masks, len) = match rest.first_chunk::<64>() {
             // Most of a long string: a block of plain text, passed with one test.
-            Some(block) if carry == 0 && Masks::plain(block) => {
+            Some(block) if carry == 0 && blocks.plain(block) => {
                 at += 64;
                 continue;
             }
-            Some(block) => (Masks::of(block), 64),
+            Some(block) => (blocks.masks(block), 64),
             None => {
                 // The body's last bytes, padded with spaces: no quote, backslash or control
                 // byte, so the padding can neither end the string nor fail it.
                 let mut block = [b' '; 64];
                 block[..rest.len()].copy_from_slice(rest);
-                (Masks::of(&block), rest.len())
+                (blocks.masks(&block), rest.len())
             }
         };
         let backslash = masks.backslash & !carry; // an escaped backslash escapes nothing
@@ -357,39 +398,27 @@ struct Masks {
     control: u64,
 }
 
-impl Masks {
-    /// SSE2 (every x86-64 has it): 16 bytes a compare, four per block.
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    #[allow(unsafe_code)]
-    fn of(block: &[u8; 64]) -> Self {
-        // SAFETY: `sse2` is the one feature `sse2_masks` needs, and the `cfg` above compiles
-        // this call only for targets that have it (it is in x86-64's baseline).
-        unsafe { sse2_masks(block) }
-    }
+/// How a block is scanned: [`Blocks::masks`] says where its quotes, backslashes and control
+/// bytes are, [`Blocks::plain`] whether it has none (cheaper: the compares are combined
+/// before the one bitmask is taken). Each way gives the same answers (tested against
+/// [`Bytewise`]); they differ in speed.
+trait Blocks: Copy {
+    fn masks(self, block: &[u8; 64]) -> Masks;
 
-    /// Whether the block has no quote, backslash or control byte: [`Masks::of`] all zero,
-    /// cheaper (the compares are combined before the one bitmask is taken).
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-    #[allow(unsafe_code)]
-    fn plain(block: &[u8; 64]) -> bool {
-        // SAFETY: as in `Masks::of`.
-        unsafe { sse2_plain(block) }
+    fn plain(self, block: &[u8; 64]) -> bool {
+        self.masks(block) == Masks::default()
     }
+}
 
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
-    fn plain(block: &[u8; 64]) -> bool {
-        Self::of(block) == Self::default()
-    }
+/// Byte by byte: the reference the others are tested against, and the scan where there is
+/// no SIMD this file knows (the compiler vectorises what it can).
+#[derive(Debug, Default, Clone, Copy)]
+#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+struct Bytewise;
 
-    /// Elsewhere, byte by byte (the compiler vectorises what it can).
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
-    fn of(block: &[u8; 64]) -> Self {
-        Self::bytewise(block)
-    }
-
-    #[cfg_attr(all(target_arch = "x86_64", target_feature = "sse2"), allow(dead_code))]
-    fn bytewise(block: &[u8; 64]) -> Self {
-        let mut m = Self::default();
+impl Blocks for Bytewise {
+    fn masks(self, block: &[u8; 64]) -> Masks {
+        let mut m = Masks::default();
         for (n, &b) in block.iter().enumerate() {
             m.quote |= u64::from(b == b'"') << n;
             m.backslash |= u64::from(b == b'\\') << n;
@@ -399,71 +428,206 @@ impl Masks {
     }
 }
 
-/// [`Masks::of`] with SSE2's compares.
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-#[target_feature(enable = "sse2")]
+/// The scan every machine of this architecture has.
+#[cfg(target_arch = "x86_64")]
+type Native = Sse2;
+#[cfg(not(target_arch = "x86_64"))]
+type Native = Bytewise;
+
+/// SSE2, in every x86-64: 16 bytes a compare, four per block.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Default, Clone, Copy)]
+struct Sse2;
+
+#[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-fn sse2_masks(block: &[u8; 64]) -> Masks {
+impl Blocks for Sse2 {
+    #[inline(always)]
+    fn masks(self, block: &[u8; 64]) -> Masks {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
+            _mm_set1_epi8,
+        };
+        // SAFETY: SSE2 is part of x86-64, so every x86-64 CPU runs these intrinsics; and each
+        // load reads a 16-byte lane of `block` (`chunks_exact(16)`), with no alignment
+        // required.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let backslash = _mm_set1_epi8(b'\\' as i8);
+            let below_space = _mm_set1_epi8(0x1f);
+            let bits = |v: __m128i| u64::from(_mm_movemask_epi8(v) as u16);
+            let mut m = Masks::default();
+            for (k, lane) in block.chunks_exact(16).enumerate() {
+                let v = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
+                let shift = 16 * k;
+                m.quote |= bits(_mm_cmpeq_epi8(v, quote)) << shift;
+                m.backslash |= bits(_mm_cmpeq_epi8(v, backslash)) << shift;
+                // max(byte, 0x1f) == 0x1f exactly when byte <= 0x1f, unsigned.
+                let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
+                m.control |= bits(control) << shift;
+            }
+            m
+        }
+    }
+
+    #[inline(always)]
+    fn plain(self, block: &[u8; 64]) -> bool {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8, _mm_setzero_si128,
+        };
+        // SAFETY: as in `masks`.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let backslash = _mm_set1_epi8(b'\\' as i8);
+            let below_space = _mm_set1_epi8(0x1f);
+            let mut special = _mm_setzero_si128();
+            for lane in block.chunks_exact(16) {
+                let v = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
+                let stop = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
+                let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
+                special = _mm_or_si128(special, _mm_or_si128(stop, control));
+            }
+            _mm_movemask_epi8(special) == 0
+        }
+    }
+}
+
+/// AVX2: 32 bytes a compare, two per block. Made only by [`Avx2::detect`], so holding one is
+/// the proof that this CPU runs AVX2.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+struct Avx2(());
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    fn detect() -> Option<Self> {
+        std::arch::is_x86_feature_detected!("avx2").then_some(Self(()))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+impl Blocks for Avx2 {
+    #[inline(always)]
+    fn masks(self, block: &[u8; 64]) -> Masks {
+        // SAFETY: `self` exists, so the CPU has AVX2 (see `Avx2`).
+        unsafe { avx2_masks(block) }
+    }
+
+    #[inline(always)]
+    fn plain(self, block: &[u8; 64]) -> bool {
+        // SAFETY: as in `masks`.
+        unsafe { avx2_plain(block) }
+    }
+}
+
+/// [`Blocks::masks`] for [`Avx2`]. Inlined into [`walk_avx2`], compiled for AVX2 too.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+#[allow(unsafe_code)]
+fn avx2_masks(block: &[u8; 64]) -> Masks {
     use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_set1_epi8,
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_max_epu8, _mm256_movemask_epi8,
+        _mm256_set1_epi8,
     };
-    let quote = _mm_set1_epi8(b'"' as i8);
-    let backslash = _mm_set1_epi8(b'\\' as i8);
-    let below_space = _mm_set1_epi8(0x1f);
-    let bits = |v: __m128i| u64::from(_mm_movemask_epi8(v) as u16);
+    let quote = _mm256_set1_epi8(b'"' as i8);
+    let backslash = _mm256_set1_epi8(b'\\' as i8);
+    let below_space = _mm256_set1_epi8(0x1f);
+    let bits = |v: __m256i| u64::from(_mm256_movemask_epi8(v) as u32);
     let mut m = Masks::default();
-    for (k, lane) in block.chunks_exact(16).enumerate() {
-        // SAFETY: `lane` is 16 bytes of `block` (`chunks_exact(16)`), all readable, and
-        // `_mm_loadu_si128` reads exactly 16 bytes with no alignment requirement.
-        let v = unsafe { _mm_loadu_si128(lane.as_ptr().cast::<__m128i>()) };
-        let shift = 16 * k;
-        m.quote |= bits(_mm_cmpeq_epi8(v, quote)) << shift;
-        m.backslash |= bits(_mm_cmpeq_epi8(v, backslash)) << shift;
-        // max(byte, 0x1f) == 0x1f exactly when byte <= 0x1f, unsigned.
-        m.control |= bits(_mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space)) << shift;
+    for (k, lane) in block.chunks_exact(32).enumerate() {
+        // SAFETY: `lane` is 32 bytes of `block` (`chunks_exact(32)`), all readable, and the
+        // load reads exactly 32 bytes with no alignment requirement.
+        let v = unsafe { _mm256_loadu_si256(lane.as_ptr().cast::<__m256i>()) };
+        let shift = 32 * k;
+        m.quote |= bits(_mm256_cmpeq_epi8(v, quote)) << shift;
+        m.backslash |= bits(_mm256_cmpeq_epi8(v, backslash)) << shift;
+        let control = _mm256_cmpeq_epi8(_mm256_max_epu8(v, below_space), below_space);
+        m.control |= bits(control) << shift;
     }
     m
 }
 
-/// [`Masks::plain`] with SSE2's compares.
-#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
-#[target_feature(enable = "sse2")]
+/// [`Blocks::plain`] for [`Avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
 #[allow(unsafe_code)]
-fn sse2_plain(block: &[u8; 64]) -> bool {
+fn avx2_plain(block: &[u8; 64]) -> bool {
     use std::arch::x86_64::{
-        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8, _mm_or_si128,
-        _mm_set1_epi8, _mm_setzero_si128,
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_max_epu8, _mm256_movemask_epi8,
+        _mm256_or_si256, _mm256_set1_epi8, _mm256_setzero_si256,
     };
-    let quote = _mm_set1_epi8(b'"' as i8);
-    let backslash = _mm_set1_epi8(b'\\' as i8);
-    let below_space = _mm_set1_epi8(0x1f);
-    let mut special = _mm_setzero_si128();
-    for lane in block.chunks_exact(16) {
-        // SAFETY: as in `sse2_masks`.
-        let v = unsafe { _mm_loadu_si128(lane.as_ptr().cast::<__m128i>()) };
-        let stop = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
-        let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
-        special = _mm_or_si128(special, _mm_or_si128(stop, control));
+    let quote = _mm256_set1_epi8(b'"' as i8);
+    let backslash = _mm256_set1_epi8(b'\\' as i8);
+    let below_space = _mm256_set1_epi8(0x1f);
+    let mut special = _mm256_setzero_si256();
+    for lane in block.chunks_exact(32) {
+        // SAFETY: as in `avx2_masks`.
+        let v = unsafe { _mm256_loadu_si256(lane.as_ptr().cast::<__m256i>()) };
+        let stop = _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, backslash));
+        let control = _mm256_cmpeq_epi8(_mm256_max_epu8(v, below_space), below_space);
+        special = _mm256_or_si256(special, _mm256_or_si256(stop, control));
     }
-    _mm_movemask_epi8(special) == 0
+    _mm256_movemask_epi8(special) == 0
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A way of scanning blocks, by name: what it finds in a block.
+    type Scan = (&'static str, Box<dyn Fn(&[u8; 64]) -> (Masks, bool)>);
+
+    /// Every way of scanning blocks this machine has, the reference first.
+    fn scans() -> Vec<Scan> {
+        let mut all: Vec<Scan> = vec![(
+            "bytewise",
+            Box::new(|b| (Bytewise.masks(b), Bytewise.plain(b))),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            all.push(("sse2", Box::new(|b| (Sse2.masks(b), Sse2.plain(b)))));
+            if let Some(avx2) = Avx2::detect() {
+                all.push(("avx2", Box::new(move |b| (avx2.masks(b), avx2.plain(b)))));
+            }
+        }
+        all
+    }
+
+    /// The fields `object_fields` finds, checked to be what the walk finds with each way of
+    /// scanning blocks.
     fn fields(json: &str) -> Result<Vec<RawField>, ParseError> {
+        fn with(blocks: impl Blocks, json: &str) -> Result<Vec<RawField>, ParseError> {
+            let mut out = Vec::new();
+            walk(blocks, json.as_bytes(), 128, |f| {
+                out.push(f);
+                Ok(())
+            })?;
+            Ok(out)
+        }
         let mut out = Vec::new();
-        object_fields(json.as_bytes(), 128, |f| {
+        let found = object_fields(json.as_bytes(), 128, |f| {
             out.push(f);
             Ok(())
-        })?;
-        Ok(out)
+        })
+        .map(|()| out);
+        assert_eq!(found, with(Bytewise, json), "{json}");
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(found, with(Sse2, json), "{json}");
+            if let Some(avx2) = Avx2::detect() {
+                assert_eq!(found, with(avx2, json), "{json}");
+            }
+        }
+        found
     }
 
     #[test]
-    fn the_block_masks_are_the_bytes_compared_one_by_one() {
-        let block: [u8; 64] = std::array::from_fn(|n| match n % 7 {
+    fn every_scan_finds_the_bytes_compared_one_by_one() {
+        let mixed: [u8; 64] = std::array::from_fn(|n| match n % 7 {
             0 => b'"',
             1 => b'\\',
             2 => n as u8 % 0x20,
@@ -471,19 +635,24 @@ mod tests {
             4 => 0x80 | n as u8,       // UTF-8 continuation and lead bytes are text
             _ => b'a' + n as u8 % 26,
         });
-        assert_eq!(Masks::of(&block), Masks::bytewise(&block));
-        assert!(!Masks::plain(&block));
         let text: [u8; 64] = std::array::from_fn(|n| 0x20 + ((n * 7) % 0x60) as u8);
         let text = text.map(|b| if b == b'"' || b == b'\\' { b'a' } else { b });
-        assert!(Masks::plain(&text) && Masks::bytewise(&text) == Masks::default());
-        for (n, special) in [(0, b'"'), (17, b'\\'), (40, 0x1f), (63, 0)] {
+        let mut blocks = vec![mixed, text];
+        for (n, special) in [(0, b'"'), (17, b'\\'), (31, 0x1f), (32, b'"'), (63, 0)] {
             let mut one = text;
             one[n] = special;
-            assert!(!Masks::plain(&one), "{special:#x} at {n}");
+            blocks.push(one);
         }
-        let m = Masks::of(&block);
+        let m = Bytewise.masks(&mixed);
         assert!(m.quote != 0 && m.backslash != 0 && m.control != 0);
         assert_eq!(m.control & (1 << 4), 0, "0x84 is not a control byte");
+        assert!(Bytewise.plain(&text) && !Bytewise.plain(&blocks[2]));
+        for block in &blocks {
+            let reference = (Bytewise.masks(block), Bytewise.plain(block));
+            for (name, scan) in scans() {
+                assert_eq!(scan(block), reference, "{name}: {block:?}");
+            }
+        }
     }
 
     /// Keys and values are where they are written; nested fields are not top-level ones.
