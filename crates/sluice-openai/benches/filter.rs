@@ -1,7 +1,7 @@
 //! Parse + filter a 1 MiB chat body (of lines, and of one long run of letters), next to a
-//! `serde_json::Value` round trip of the latter;
-//! and parsing the load bench's small request, and shaping it through the policy as configured and through the
-//! allow-list compiled from it (what the request path uses).
+//! `serde_json::Value` round trip of the latter; parsing the load bench's small request, and
+//! shaping it through the policy as configured and through the allow-list compiled from it
+//! (what the request path uses).
 //! `cargo bench -p sluice-openai --bench filter`
 
 // Bench code: a failed unwrap is a failed run.
