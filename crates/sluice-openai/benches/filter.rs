@@ -9,7 +9,7 @@
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sluice_openai::{Endpoint, FieldPolicy, Request};
+use sluice_openai::{Endpoint, FieldPolicy, Request, Shaped};
 
 /// A long conversation: 64 messages of 16 KiB, plus the usual parameters and some junk; with
 /// `lines`, each message is lines of ~90 bytes (a `\n` escape each, as text and code have).
@@ -31,16 +31,19 @@ fn body(lines: bool) -> Bytes {
     Bytes::from(serde_json::to_vec(&v).unwrap())
 }
 
+/// What the request path does with a body: parse it, shape it for a deployment.
+fn parse_and_shape(body: &Bytes, policy: &FieldPolicy) -> Shaped {
+    let r = Request::parse(Endpoint::ChatCompletions, body.clone()).unwrap();
+    r.shape("gpt-4o-2024-08-06", policy).unwrap()
+}
+
 fn filter(c: &mut Criterion) {
     let policy = FieldPolicy::default();
     let lines = body(true);
     let mut g = c.benchmark_group("filter_1MiB_lines");
     g.throughput(Throughput::Bytes(lines.len() as u64));
     g.bench_function("sluice parse + shape", |b| {
-        b.iter(|| {
-            let r = Request::parse(Endpoint::ChatCompletions, lines.clone()).unwrap();
-            r.shape("gpt-4o-2024-08-06", &policy).unwrap()
-        })
+        b.iter(|| parse_and_shape(&lines, &policy))
     });
     g.finish();
 
@@ -48,10 +51,7 @@ fn filter(c: &mut Criterion) {
     let mut g = c.benchmark_group("filter_1MiB");
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("sluice parse + shape", |b| {
-        b.iter(|| {
-            let r = Request::parse(Endpoint::ChatCompletions, body.clone()).unwrap();
-            r.shape("gpt-4o-2024-08-06", &policy).unwrap()
-        })
+        b.iter(|| parse_and_shape(&body, &policy))
     });
     g.bench_function("serde_json::Value round trip", |b| {
         b.iter(|| {

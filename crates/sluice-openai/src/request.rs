@@ -367,6 +367,11 @@ impl BodyBuilder {
         self.extend(true, range.start, range.end);
     }
 
+    /// Whether the last piece is a run of the client's body ending at `end`.
+    fn client_run_ends_at(&self, end: usize) -> bool {
+        self.pieces.last().is_some_and(|p| p.client && p.end == end)
+    }
+
     fn extend(&mut self, client: bool, start: usize, end: usize) {
         match self.pieces.last_mut() {
             Some(last) if last.client == client && last.end == start => last.end = end,
@@ -538,9 +543,6 @@ impl Request {
         });
         let mut wrote_options = false;
         let mut dropped = Vec::new();
-        // The field whose value ended the last piece, when that piece is the client's: the
-        // next field, if kept, continues it (the separator between them comes along).
-        let mut run_ends_with: Option<usize> = None;
         for (i, f) in self.fields.iter().enumerate() {
             let key = f.key(&self.body);
             if key == "model" {
@@ -560,17 +562,18 @@ impl Request {
             let merge_usage = inject && key == "stream_options";
             if let (Key::Plain(at), false) = (&f.key, merge_usage) {
                 // `"key": value` as it came (the key's quotes enclose its range; no escapes in
-                // it, and `parse` validated the body), continuing the previous field's run
-                // when that was the field before this one in the client's body.
-                let start = match i.checked_sub(1) {
-                    Some(before) if run_ends_with == Some(before) => self.fields[before].value.end,
+                // it, and `parse` validated the body), continuing the last piece when that
+                // ends with the value of the field before this one in the client's body (the
+                // separator between them comes along).
+                let before = i.checked_sub(1).and_then(|b| self.fields.get(b));
+                let start = match before {
+                    Some(b) if out.client_run_ends_at(b.value.end) => b.value.end,
                     _ => {
                         out.own(|o| o.push(b','));
                         at.start.saturating_sub(1)
                     }
                 };
                 out.client(start..f.value.end);
-                run_ends_with = Some(i);
                 continue;
             }
             out.own(|o| {
@@ -581,10 +584,8 @@ impl Request {
             if merge_usage {
                 out.own(|o| write_with_usage(o, &self.body[f.value.clone()]));
                 wrote_options = true;
-                run_ends_with = None;
             } else {
                 out.client(f.value.clone());
-                run_ends_with = Some(i);
             }
         }
         out.own(|o| {

@@ -135,7 +135,11 @@ fn walk<B: Blocks>(
                 state = State::Value;
                 continue;
             }
-            (State::FirstKey, b'}') | (State::FirstValue, b']') => {
+            // A bracket that closes the innermost container (right after it opened, or after
+            // a value in it).
+            (State::FirstKey | State::FirstValue | State::AfterValue, b'}' | b']')
+                if (b == b'}') == (stack & 1 == 1) =>
+            {
                 i += 1;
                 depth -= 1;
                 stack >>= 1;
@@ -175,11 +179,6 @@ fn walk<B: Blocks>(
                 };
                 i += 1;
                 continue;
-            }
-            (State::AfterValue, b'}' | b']') if (b == b'}') == (stack & 1 == 1) => {
-                i += 1;
-                depth -= 1;
-                stack >>= 1;
             }
             (State::AfterValue, _) => {
                 let what = if stack & 1 == 1 {
@@ -341,23 +340,14 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
         };
         let quotes = masks.quote & !escaped;
         let end = quotes.trailing_zeros() as usize; // 64 when none
-        let before = if end >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << end) - 1
-        };
+        let before = bits_below(end);
         has_escapes |= masks.backslash & before != 0; // not those after the string
         let control = masks.control & before;
         if control != 0 {
             let at = at + control.trailing_zeros() as usize;
             return Err(syntax(json, at, "control character in a string"));
         }
-        let within = if len == 64 {
-            u64::MAX
-        } else {
-            (1u64 << len) - 1
-        };
-        let mut check = escaped & before & within;
+        let mut check = escaped & before & bits_below(len);
         while check != 0 {
             check_escape(json, at + check.trailing_zeros() as usize)?;
             check &= check - 1;
@@ -369,6 +359,15 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
             return Err(syntax(json, json.len(), "unterminated string"));
         }
         at += 64;
+    }
+}
+
+/// A block's bits below bit `n` (all 64 from `n` = 64 on).
+fn bits_below(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1 << n) - 1
     }
 }
 
