@@ -3,11 +3,11 @@
 //! top-level field's key and value lie.
 //!
 //! Strings are nearly all of a prompt's bytes, so they are scanned 64 bytes a step (AVX2
-//! where the CPU has it, looked up once a body; else SSE2, which every x86-64 has): a block
-//! gives three bitmasks (quotes, backslashes, control bytes), and escapes are resolved with
-//! carries across the backslash mask (the method of Langdale and Lemire, "Parsing Gigabytes
-//! of JSON per Second", 2019, §3.1.1), so an escape costs a few instructions in the block it
-//! is found in. A search that stops at each backslash (memchr's, sonic-rs's) restarts there:
+//! where the CPU has it, looked up once a body; else SSE2, which every x86-64 has): a block of
+//! plain text is passed on its compares alone, one with a special byte gives three bitmasks
+//! (quotes, backslashes, control bytes), and escapes are resolved with carries across the
+//! backslash mask (the method of Langdale and Lemire, "Parsing Gigabytes of JSON per Second",
+//! 2019, §3.1.1), so an escape costs a few instructions in the block it is found in. A search that stops at each backslash (memchr's, sonic-rs's) restarts there:
 //! ~300 instructions an escape in the two passes Sluice made before, and a conversation has
 //! one every line (`\n`), ~700 in 64 KiB.
 //!
@@ -294,9 +294,10 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
     // 1 when the block's first byte is escaped by a backslash at the end of the block before.
     let mut carry = 0u64;
     let mut has_escapes = false;
-    // For the body's last bytes, padded with spaces: no quote, backslash or control byte, so
-    // the padding can neither end the string nor fail it.
-    let mut padded = [b' '; 64];
+    // For the body's last bytes, padded with `n`: not a quote, backslash or control byte, so
+    // the padding can neither end the string nor fail it; and a backslash ending the body
+    // escapes an `n`, as good an escape as any, leaving the string unterminated, as it is.
+    let mut padded = [b'n'; 64];
     loop {
         let rest = json.get(at..).unwrap_or_default();
         let (block, len) = match rest.first_chunk::<64>() {
@@ -306,23 +307,33 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
                 (&padded, rest.len())
             }
         };
-        if carry == 0 {
-            // The common blocks, with one bitmask: plain text (most of a long string), and
-            // text up to the closing quote (most strings: keys, roles, a model's name).
-            let special = blocks.special(block);
-            if special == 0 && len == 64 {
-                at += 64;
-                continue;
-            }
+        let compared = blocks.compare(block);
+        if at == start {
+            // A string's first block, with one bitmask: most strings (keys, roles, a model's
+            // name) end in it, unescaped.
+            let special = blocks.special(&compared);
             let first = special.trailing_zeros() as usize;
             if block.get(first) == Some(&b'"') {
                 return Ok((at + first, has_escapes));
             }
         }
-        let masks = blocks.masks(block);
+        // A long string's blocks: plain text is passed on the compares alone (no bitmask);
+        // a block with an escape (a conversation has one a line) takes the three bitmasks,
+        // not the combined one first as well.
+        if carry == 0 && len == 64 && blocks.plain(&compared) {
+            at += 64;
+            continue;
+        }
+        let masks = blocks.masks(&compared);
         let backslash = masks.backslash & !carry; // an escaped backslash escapes nothing
         let escaped = if backslash == 0 {
             std::mem::take(&mut carry)
+        } else if backslash & (backslash << 1) == 0 {
+            // No two backslashes side by side (`\n`, `\"`: nearly every escape text has):
+            // each escapes the byte after it.
+            let escaped = (backslash << 1) | carry;
+            carry = backslash >> 63;
+            escaped
         } else {
             // In a run of backslashes every other one escapes the next byte, so the byte after
             // the run is escaped when the run is odd. Adding a run's first bit to the run
@@ -340,16 +351,17 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
         };
         let quotes = masks.quote & !escaped;
         let end = quotes.trailing_zeros() as usize; // 64 when none
-        let before = bits_below(end);
+        let before = quotes.wrapping_sub(1) & !quotes; // the bits below `end`; all if none
         has_escapes |= masks.backslash & before != 0; // not those after the string
         let control = masks.control & before;
         if control != 0 {
             let at = at + control.trailing_zeros() as usize;
             return Err(syntax(json, at, "control character in a string"));
         }
-        let mut check = escaped & before & bits_below(len);
+        let mut check = escaped & before;
         while check != 0 {
-            check_escape(json, at + check.trailing_zeros() as usize)?;
+            let n = check.trailing_zeros() as usize % 64;
+            check_escape(block[n], json, at + n)?;
             check &= check - 1;
         }
         if end < 64 {
@@ -362,34 +374,26 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
     }
 }
 
-/// A block's bits below bit `n` (all 64 from `n` = 64 on).
-fn bits_below(n: usize) -> u64 {
-    if n >= 64 {
-        u64::MAX
-    } else {
-        (1 << n) - 1
-    }
-}
-
-/// JSON's escapes of one byte (`\"`, `\\`, `\/`, `\b`, `\f`, `\n`, `\r`, `\t`), as bits
-/// indexed by the byte after the backslash.
-const SHORT_ESCAPES: u128 = {
-    let mut bits = 0u128;
+/// JSON's escapes of one byte (`\"`, `\\`, `\/`, `\b`, `\f`, `\n`, `\r`, `\t`), indexed by
+/// the byte after the backslash: one load to tell the common escape.
+static SHORT_ESCAPES: [bool; 256] = {
+    let mut table = [false; 256];
     let mut i = 0;
     while i < 8 {
-        bits |= 1 << b"\"\\/bfnrt"[i];
+        table[b"\"\\/bfnrt"[i] as usize] = true;
         i += 1;
     }
-    bits
+    table
 };
 
-/// Checks the escaped byte at `at` (a backslash before it): one of JSON's escapes, `\u` with
-/// four hex digits. Inlined for the common escape (a bit test); the rest out of line.
+/// Checks `c`, the escaped byte at `at` (a backslash before it): one of JSON's escapes, `\u`
+/// with four hex digits. Inlined for the common escape (a table lookup); the rest out of line.
 #[inline(always)]
-fn check_escape(json: &[u8], at: usize) -> Result<(), ParseError> {
-    match json.get(at) {
-        Some(&c) if c < 128 && (SHORT_ESCAPES >> c) & 1 == 1 => Ok(()),
-        _ => check_unicode_escape(json, at),
+fn check_escape(c: u8, json: &[u8], at: usize) -> Result<(), ParseError> {
+    if SHORT_ESCAPES[usize::from(c)] {
+        Ok(())
+    } else {
+        check_unicode_escape(json, at)
     }
 }
 
@@ -435,17 +439,24 @@ struct Masks {
     control: u64,
 }
 
-/// How a block is scanned: [`Blocks::masks`] says where its quotes, backslashes and control
-/// bytes are, [`Blocks::special`] where any of them is (cheaper: the compares are combined
-/// before the bitmasks are taken). Each way gives the same answers (tested against
+/// How a block is scanned: [`Blocks::compare`] compares its bytes with `"`, `\` and 0x1f;
+/// from that, [`Blocks::special`] says where any of the three is (one bitmask: the compares
+/// are combined first), [`Blocks::plain`] whether there is none (no bitmask at all) and
+/// [`Blocks::masks`] where each is. Each way gives the same answers (tested against
 /// [`Bytewise`]); they differ in speed.
 trait Blocks: Copy {
-    fn masks(self, block: &[u8; 64]) -> Masks;
+    /// A block's bytes compared, in the registers of the way.
+    type Compared;
 
-    fn special(self, block: &[u8; 64]) -> u64 {
-        let m = self.masks(block);
-        m.quote | m.backslash | m.control
+    fn compare(self, block: &[u8; 64]) -> Self::Compared;
+
+    fn special(self, compared: &Self::Compared) -> u64;
+
+    fn plain(self, compared: &Self::Compared) -> bool {
+        self.special(compared) == 0
     }
+
+    fn masks(self, compared: &Self::Compared) -> Masks;
 }
 
 /// Byte by byte: the reference the others are tested against, and the scan where there is
@@ -455,7 +466,9 @@ trait Blocks: Copy {
 struct Bytewise;
 
 impl Blocks for Bytewise {
-    fn masks(self, block: &[u8; 64]) -> Masks {
+    type Compared = Masks;
+
+    fn compare(self, block: &[u8; 64]) -> Masks {
         let mut m = Masks::default();
         for (n, &b) in block.iter().enumerate() {
             m.quote |= u64::from(b == b'"') << n;
@@ -463,6 +476,14 @@ impl Blocks for Bytewise {
             m.control |= u64::from(b < 0x20) << n;
         }
         m
+    }
+
+    fn special(self, m: &Masks) -> u64 {
+        m.quote | m.backslash | m.control
+    }
+
+    fn masks(self, m: &Masks) -> Masks {
+        *m
     }
 }
 
@@ -477,58 +498,78 @@ type Native = Bytewise;
 #[derive(Debug, Default, Clone, Copy)]
 struct Sse2;
 
+/// A block's 16-byte lanes compared: per lane, `"`, `\` and below 0x20.
+#[cfg(target_arch = "x86_64")]
+type Sse2Compared = [[std::arch::x86_64::__m128i; 3]; 4];
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 impl Blocks for Sse2 {
+    type Compared = Sse2Compared;
+
     #[inline(always)]
-    fn masks(self, block: &[u8; 64]) -> Masks {
+    fn compare(self, block: &[u8; 64]) -> Sse2Compared {
         use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
-            _mm_set1_epi8,
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_set1_epi8,
         };
         // SAFETY: SSE2 is part of x86-64, so every x86-64 CPU runs these intrinsics; and each
-        // load reads a 16-byte lane of `block` (`chunks_exact(16)`), with no alignment
-        // required.
+        // load reads a 16-byte lane of `block`, all readable, with no alignment required.
         unsafe {
             let quote = _mm_set1_epi8(b'"' as i8);
             let backslash = _mm_set1_epi8(b'\\' as i8);
             let below_space = _mm_set1_epi8(0x1f);
-            let bits = |v: __m128i| u64::from(_mm_movemask_epi8(v) as u16);
-            let mut m = Masks::default();
-            for (k, lane) in block.chunks_exact(16).enumerate() {
+            let lanes: [&[u8]; 4] = [&block[..16], &block[16..32], &block[32..48], &block[48..]];
+            lanes.map(|lane| {
                 let v = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
-                let shift = 16 * k;
-                m.quote |= bits(_mm_cmpeq_epi8(v, quote)) << shift;
-                m.backslash |= bits(_mm_cmpeq_epi8(v, backslash)) << shift;
-                // max(byte, 0x1f) == 0x1f exactly when byte <= 0x1f, unsigned.
-                let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
-                m.control |= bits(control) << shift;
-            }
-            m
+                [
+                    _mm_cmpeq_epi8(v, quote),
+                    _mm_cmpeq_epi8(v, backslash),
+                    // max(byte, 0x1f) == 0x1f exactly when byte <= 0x1f, unsigned.
+                    _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space),
+                ]
+            })
         }
     }
 
     #[inline(always)]
-    fn special(self, block: &[u8; 64]) -> u64 {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_max_epu8, _mm_movemask_epi8,
-            _mm_or_si128, _mm_set1_epi8,
-        };
-        // SAFETY: as in `masks`.
-        unsafe {
-            let quote = _mm_set1_epi8(b'"' as i8);
-            let backslash = _mm_set1_epi8(b'\\' as i8);
-            let below_space = _mm_set1_epi8(0x1f);
-            let mut special = 0;
-            for (k, lane) in block.chunks_exact(16).enumerate() {
-                let v = _mm_loadu_si128(lane.as_ptr().cast::<__m128i>());
-                let stop = _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, backslash));
-                let control = _mm_cmpeq_epi8(_mm_max_epu8(v, below_space), below_space);
-                let bits = _mm_movemask_epi8(_mm_or_si128(stop, control)) as u16;
-                special |= u64::from(bits) << (16 * k);
-            }
-            special
+    fn special(self, lanes: &Sse2Compared) -> u64 {
+        use std::arch::x86_64::{_mm_movemask_epi8, _mm_or_si128};
+        let mut special = 0;
+        for (n, [quote, backslash, control]) in lanes.iter().enumerate() {
+            // SAFETY: SSE2, as in `compare`.
+            let bits = unsafe {
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(*quote, *backslash), *control))
+            };
+            special |= u64::from(bits as u16) << (16 * n);
         }
+        special
+    }
+
+    #[inline(always)]
+    fn plain(self, lanes: &Sse2Compared) -> bool {
+        use std::arch::x86_64::{_mm_movemask_epi8, _mm_or_si128, _mm_setzero_si128};
+        // SAFETY: SSE2, as in `compare`.
+        unsafe {
+            let any = lanes
+                .iter()
+                .flatten()
+                .fold(_mm_setzero_si128(), |any, v| _mm_or_si128(any, *v));
+            _mm_movemask_epi8(any) == 0
+        }
+    }
+
+    #[inline(always)]
+    fn masks(self, lanes: &Sse2Compared) -> Masks {
+        use std::arch::x86_64::{__m128i, _mm_movemask_epi8};
+        // SAFETY: SSE2, as in `compare`.
+        let bits = |v: __m128i| u64::from(unsafe { _mm_movemask_epi8(v) } as u16);
+        let mut m = Masks::default();
+        for (n, [quote, backslash, control]) in lanes.iter().enumerate() {
+            m.quote |= bits(*quote) << (16 * n);
+            m.backslash |= bits(*backslash) << (16 * n);
+            m.control |= bits(*control) << (16 * n);
+        }
+        m
     }
 }
 
@@ -545,73 +586,110 @@ impl Avx2 {
     }
 }
 
+/// A block's two 32-byte lanes compared: per lane, `"`, `\` and below 0x20.
+#[cfg(target_arch = "x86_64")]
+type Avx2Compared = [[std::arch::x86_64::__m256i; 3]; 2];
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 impl Blocks for Avx2 {
+    type Compared = Avx2Compared;
+
     #[inline(always)]
-    fn masks(self, block: &[u8; 64]) -> Masks {
+    fn compare(self, block: &[u8; 64]) -> Avx2Compared {
         // SAFETY: `self` exists, so the CPU has AVX2 (see `Avx2`).
-        unsafe { avx2_masks(block) }
+        unsafe { avx2_compare(block) }
     }
 
     #[inline(always)]
-    fn special(self, block: &[u8; 64]) -> u64 {
-        // SAFETY: as in `masks`.
-        unsafe { avx2_special(block) }
+    fn special(self, lanes: &Avx2Compared) -> u64 {
+        // SAFETY: as in `compare`.
+        unsafe { avx2_special(lanes) }
+    }
+
+    #[inline(always)]
+    fn plain(self, lanes: &Avx2Compared) -> bool {
+        // SAFETY: as in `compare`.
+        unsafe { avx2_plain(lanes) }
+    }
+
+    #[inline(always)]
+    fn masks(self, lanes: &Avx2Compared) -> Masks {
+        // SAFETY: as in `compare`.
+        unsafe { avx2_masks(lanes) }
     }
 }
 
-/// [`Blocks::masks`] for [`Avx2`]. Inlined into [`walk_avx2`], compiled for AVX2 too.
+// The AVX2 scans, each inlined into `walk_avx2` and compiled for AVX2 with it (checked: no
+// symbol of theirs in the release binary).
+
+/// [`Blocks::compare`] for [`Avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
 #[allow(unsafe_code)]
-fn avx2_masks(block: &[u8; 64]) -> Masks {
+fn avx2_compare(block: &[u8; 64]) -> Avx2Compared {
     use std::arch::x86_64::{
-        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_max_epu8, _mm256_movemask_epi8,
-        _mm256_set1_epi8,
+        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_max_epu8, _mm256_set1_epi8,
     };
     let quote = _mm256_set1_epi8(b'"' as i8);
     let backslash = _mm256_set1_epi8(b'\\' as i8);
     let below_space = _mm256_set1_epi8(0x1f);
-    let bits = |v: __m256i| u64::from(_mm256_movemask_epi8(v) as u32);
-    let mut m = Masks::default();
-    for (k, lane) in block.chunks_exact(32).enumerate() {
-        // SAFETY: `lane` is 32 bytes of `block` (`chunks_exact(32)`), all readable, and the
-        // load reads exactly 32 bytes with no alignment requirement.
+    let (low, high) = block.split_at(32);
+    [low, high].map(|lane| {
+        // SAFETY: `lane` is 32 bytes of `block`, all readable; the load has no alignment
+        // requirement.
         let v = unsafe { _mm256_loadu_si256(lane.as_ptr().cast::<__m256i>()) };
-        let shift = 32 * k;
-        m.quote |= bits(_mm256_cmpeq_epi8(v, quote)) << shift;
-        m.backslash |= bits(_mm256_cmpeq_epi8(v, backslash)) << shift;
-        let control = _mm256_cmpeq_epi8(_mm256_max_epu8(v, below_space), below_space);
-        m.control |= bits(control) << shift;
-    }
-    m
+        [
+            _mm256_cmpeq_epi8(v, quote),
+            _mm256_cmpeq_epi8(v, backslash),
+            _mm256_cmpeq_epi8(_mm256_max_epu8(v, below_space), below_space),
+        ]
+    })
 }
 
 /// [`Blocks::special`] for [`Avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-#[allow(unsafe_code)]
-fn avx2_special(block: &[u8; 64]) -> u64 {
-    use std::arch::x86_64::{
-        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_max_epu8, _mm256_movemask_epi8,
-        _mm256_or_si256, _mm256_set1_epi8,
-    };
-    let quote = _mm256_set1_epi8(b'"' as i8);
-    let backslash = _mm256_set1_epi8(b'\\' as i8);
-    let below_space = _mm256_set1_epi8(0x1f);
+fn avx2_special(lanes: &Avx2Compared) -> u64 {
+    use std::arch::x86_64::{_mm256_movemask_epi8, _mm256_or_si256};
     let mut special = 0;
-    for (k, lane) in block.chunks_exact(32).enumerate() {
-        // SAFETY: as in `avx2_masks`.
-        let v = unsafe { _mm256_loadu_si256(lane.as_ptr().cast::<__m256i>()) };
-        let stop = _mm256_or_si256(_mm256_cmpeq_epi8(v, quote), _mm256_cmpeq_epi8(v, backslash));
-        let control = _mm256_cmpeq_epi8(_mm256_max_epu8(v, below_space), below_space);
-        let bits = _mm256_movemask_epi8(_mm256_or_si256(stop, control)) as u32;
-        special |= u64::from(bits) << (32 * k);
+    for (n, [quote, backslash, control]) in lanes.iter().enumerate() {
+        let any = _mm256_or_si256(_mm256_or_si256(*quote, *backslash), *control);
+        special |= u64::from(_mm256_movemask_epi8(any) as u32) << (32 * n);
     }
     special
+}
+
+/// [`Blocks::plain`] for [`Avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn avx2_plain(lanes: &Avx2Compared) -> bool {
+    use std::arch::x86_64::{_mm256_or_si256, _mm256_testz_si256};
+    let [[q0, b0, c0], [q1, b1, c1]] = *lanes;
+    let any = _mm256_or_si256(
+        _mm256_or_si256(_mm256_or_si256(q0, b0), _mm256_or_si256(c0, q1)),
+        _mm256_or_si256(b1, c1),
+    );
+    _mm256_testz_si256(any, any) == 1
+}
+
+/// [`Blocks::masks`] for [`Avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn avx2_masks(lanes: &Avx2Compared) -> Masks {
+    use std::arch::x86_64::{__m256i, _mm256_movemask_epi8};
+    let bits = |v: __m256i| u64::from(_mm256_movemask_epi8(v) as u32);
+    let mut m = Masks::default();
+    for (n, [quote, backslash, control]) in lanes.iter().enumerate() {
+        m.quote |= bits(*quote) << (32 * n);
+        m.backslash |= bits(*backslash) << (32 * n);
+        m.control |= bits(*control) << (32 * n);
+    }
+    m
 }
 
 #[cfg(test)]
@@ -619,19 +697,29 @@ mod tests {
     use super::*;
 
     /// A way of scanning blocks, by name: what it finds in a block.
-    type Scan = (&'static str, Box<dyn Fn(&[u8; 64]) -> (Masks, u64)>);
+    type Scan = (&'static str, Box<dyn Fn(&[u8; 64]) -> (Masks, u64, bool)>);
+
+    /// What `blocks` finds in `block`: its masks, its special bytes and whether it is plain,
+    /// from one compare.
+    fn scan<B: Blocks>(blocks: B, block: &[u8; 64]) -> (Masks, u64, bool) {
+        let compared = blocks.compare(block);
+        let found = (
+            blocks.masks(&compared),
+            blocks.special(&compared),
+            blocks.plain(&compared),
+        );
+        assert_eq!(found.2, found.1 == 0, "plain: no special byte");
+        found
+    }
 
     /// Every way of scanning blocks this machine has, the reference first.
     fn scans() -> Vec<Scan> {
-        let mut all: Vec<Scan> = vec![(
-            "bytewise",
-            Box::new(|b| (Bytewise.masks(b), Bytewise.special(b))),
-        )];
+        let mut all: Vec<Scan> = vec![("bytewise", Box::new(|b| scan(Bytewise, b)))];
         #[cfg(target_arch = "x86_64")]
         {
-            all.push(("sse2", Box::new(|b| (Sse2.masks(b), Sse2.special(b)))));
+            all.push(("sse2", Box::new(|b| scan(Sse2, b))));
             if let Some(avx2) = Avx2::detect() {
-                all.push(("avx2", Box::new(move |b| (avx2.masks(b), avx2.special(b)))));
+                all.push(("avx2", Box::new(move |b| scan(avx2, b))));
             }
         }
         all
@@ -683,12 +771,12 @@ mod tests {
             one[n] = special;
             blocks.push(one);
         }
-        let m = Bytewise.masks(&mixed);
+        let (m, ..) = scan(Bytewise, &mixed);
         assert!(m.quote != 0 && m.backslash != 0 && m.control != 0);
         assert_eq!(m.control & (1 << 4), 0, "0x84 is not a control byte");
-        assert!(Bytewise.special(&text) == 0 && Bytewise.special(&blocks[2]) == 1);
+        assert!(scan(Bytewise, &text).1 == 0 && scan(Bytewise, &blocks[2]).1 == 1);
         for block in &blocks {
-            let reference = (Bytewise.masks(block), Bytewise.special(block));
+            let reference = scan(Bytewise, block);
             for (name, scan) in scans() {
                 assert_eq!(scan(block), reference, "{name}: {block:?}");
             }
@@ -812,9 +900,18 @@ mod tests {
             err,
             ParseError::Json("expected `:` after an object key at line 3 column 7".into())
         );
-        assert!(
-            matches!(fields(r#"{"a":"b"#), Err(ParseError::Json(m)) if m.starts_with("unterminated string"))
-        );
+        // A body ending in a string, and in one whose last byte is a backslash (it escapes
+        // nothing: the string is not closed, rather than badly escaped), at every length
+        // around a block's end.
+        for n in 58..72 {
+            let text = "b".repeat(n);
+            for body in [format!(r#"{{"a":"{text}"#), format!(r#"{{"a":"{text}\"#)] {
+                assert!(
+                    matches!(fields(&body), Err(ParseError::Json(m)) if m.starts_with("unterminated string")),
+                    "{body}"
+                );
+            }
+        }
         assert!(matches!(fields("[]"), Err(ParseError::Json(m)) if m.contains("object")));
     }
 }
