@@ -298,10 +298,13 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
     // the padding can neither end the string nor fail it; and a backslash ending the body
     // escapes an `n`, as good an escape as any, leaving the string unterminated, as it is.
     let mut padded = [b'n'; 64];
+    let mut rest = json.get(start..).unwrap_or_default();
     loop {
-        let rest = json.get(at..).unwrap_or_default();
-        let (block, len) = match rest.first_chunk::<64>() {
-            Some(block) => (block, 64),
+        let (block, len) = match rest.split_first_chunk::<64>() {
+            Some((block, tail)) => {
+                rest = tail;
+                (block, 64)
+            }
             None => {
                 padded[..rest.len()].copy_from_slice(rest);
                 (&padded, rest.len())
