@@ -290,26 +290,10 @@ const EVEN: u64 = 0x5555_5555_5555_5555;
 /// whether it has escapes; checks that it has no control bytes and only JSON's escapes.
 #[inline(always)]
 fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, bool), ParseError> {
+    let mut scan = Escapes::default();
     let mut at = start;
-    // 1 when the block's first byte is escaped by a backslash at the end of the block before.
-    let mut carry = 0u64;
-    let mut has_escapes = false;
-    // For the body's last bytes, padded with `n`: not a quote, backslash or control byte, so
-    // the padding can neither end the string nor fail it; and a backslash ending the body
-    // escapes an `n`, as good an escape as any, leaving the string unterminated, as it is.
-    let mut padded = [b'n'; 64];
     let mut rest = json.get(start..).unwrap_or_default();
-    loop {
-        let (block, len) = match rest.split_first_chunk::<64>() {
-            Some((block, tail)) => {
-                rest = tail;
-                (block, 64)
-            }
-            None => {
-                padded[..rest.len()].copy_from_slice(rest);
-                (&padded, rest.len())
-            }
-        };
+    while let Some((block, tail)) = rest.split_first_chunk::<64>() {
         let compared = blocks.compare(block);
         if at == start {
             // A string's first block, with one bitmask: most strings (keys, roles, a model's
@@ -317,25 +301,61 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
             let special = blocks.special(&compared);
             let first = special.trailing_zeros() as usize;
             if block.get(first) == Some(&b'"') {
-                return Ok((at + first, has_escapes));
+                return Ok((at + first, false));
             }
         }
         // A long string's blocks: plain text is passed on the compares alone (no bitmask);
         // a block with an escape (a conversation has one a line) takes the three bitmasks,
         // not the combined one first as well.
-        if carry == 0 && len == 64 && blocks.plain(&compared) {
-            at += 64;
-            continue;
+        if scan.carry != 0 || !blocks.plain(&compared) {
+            let masks = blocks.masks(&compared);
+            if let Some(end) = scan.block(&masks, block, json, at)? {
+                return Ok((at + end, scan.has_escapes));
+            }
         }
-        let masks = blocks.masks(&compared);
-        let backslash = masks.backslash & !carry; // an escaped backslash escapes nothing
+        rest = tail;
+        at += 64;
+    }
+    // The body's last bytes, padded with `n`: not a quote, backslash or control byte, so the
+    // padding can neither end the string nor fail it; and a backslash ending the body escapes
+    // an `n`, as good an escape as any, leaving the string unterminated, as it is.
+    let mut padded = [b'n'; 64];
+    padded[..rest.len()].copy_from_slice(rest);
+    let masks = blocks.masks(&blocks.compare(&padded));
+    match scan.block(&masks, &padded, json, at)? {
+        Some(end) => Ok((at + end, scan.has_escapes)),
+        None => Err(syntax(json, json.len(), "unterminated string")),
+    }
+}
+
+/// What a string's escapes carry from block to block.
+#[derive(Debug, Default)]
+struct Escapes {
+    /// 1 when the block's first byte is escaped by a backslash ending the block before.
+    carry: u64,
+    /// Whether the string has had an escape so far.
+    has_escapes: bool,
+}
+
+impl Escapes {
+    /// Reads one block of a string (at `at` in `json`) by its bitmasks: where the string ends
+    /// in it, if it does; checks its escapes and that it has no control byte.
+    #[inline(always)]
+    fn block(
+        &mut self,
+        masks: &Masks,
+        block: &[u8; 64],
+        json: &[u8],
+        at: usize,
+    ) -> Result<Option<usize>, ParseError> {
+        let backslash = masks.backslash & !self.carry; // an escaped backslash escapes nothing
         let escaped = if backslash == 0 {
-            std::mem::take(&mut carry)
+            std::mem::take(&mut self.carry)
         } else if backslash & (backslash << 1) == 0 {
             // No two backslashes side by side (`\n`, `\"`: nearly every escape text has):
             // each escapes the byte after it.
-            let escaped = (backslash << 1) | carry;
-            carry = backslash >> 63;
+            let escaped = (backslash << 1) | self.carry;
+            self.carry = backslash >> 63;
             escaped
         } else {
             // In a run of backslashes every other one escapes the next byte, so the byte after
@@ -348,14 +368,13 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
             let after_even = backslash.wrapping_add(starts & EVEN) & !backslash;
             let (odd_sum, carry_out) = backslash.overflowing_add(starts & !EVEN);
             let after_odd = odd_sum & !backslash;
-            let escaped = (after_even & !EVEN) | (after_odd & EVEN) | carry;
-            carry = u64::from(carry_out);
+            let escaped = (after_even & !EVEN) | (after_odd & EVEN) | self.carry;
+            self.carry = u64::from(carry_out);
             escaped
         };
         let quotes = masks.quote & !escaped;
-        let end = quotes.trailing_zeros() as usize; // 64 when none
-        let before = quotes.wrapping_sub(1) & !quotes; // the bits below `end`; all if none
-        has_escapes |= masks.backslash & before != 0; // not those after the string
+        let before = quotes.wrapping_sub(1) & !quotes; // the bits before the first; all if none
+        self.has_escapes |= masks.backslash & before != 0; // not those after the string
         let control = masks.control & before;
         if control != 0 {
             let at = at + control.trailing_zeros() as usize;
@@ -367,13 +386,7 @@ fn string_end(blocks: impl Blocks, json: &[u8], start: usize) -> Result<(usize, 
             check_escape(block[n], json, at + n)?;
             check &= check - 1;
         }
-        if end < 64 {
-            return Ok((at + end, has_escapes));
-        }
-        if len < 64 {
-            return Err(syntax(json, json.len(), "unterminated string"));
-        }
-        at += 64;
+        Ok((quotes != 0).then(|| quotes.trailing_zeros() as usize))
     }
 }
 
